@@ -1,0 +1,3 @@
+DROP TABLE treaty_events;
+DROP TABLE treaty_branches;
+DROP TABLE treaty_transactions;
