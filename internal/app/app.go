@@ -1,0 +1,146 @@
+// Package app wires a coordinator together: store, invoker, engine, gRPC server with health
+// checking and reflection. The CLI, the tests and the benchmark all start coordinators through it.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/invoke"
+	"github.com/treatyhq/treaty/internal/server"
+	"github.com/treatyhq/treaty/internal/store/postgres"
+)
+
+// Config configures a coordinator.
+type Config struct {
+	// DB is the PostgreSQL URL.
+	DB string
+	// DBMaxConns sizes the pool; default 16.
+	DBMaxConns int
+	// Listen is the gRPC address; "127.0.0.1:0" picks a free port.
+	Listen string
+	// Migrate applies schema migrations at start.
+	Migrate bool
+	Logger  *slog.Logger
+	// Engine holds the engine's settings; Store, Invoker and Logger are filled in here.
+	Engine engine.Config
+	// Invoke holds the invoker's settings; Logger is filled in here.
+	Invoke invoke.Config
+}
+
+// App is a running coordinator.
+type App struct {
+	Engine *engine.Engine
+	Store  *postgres.Store
+	Addr   string
+
+	log     *slog.Logger
+	inv     *invoke.Invoker
+	grpc    *grpc.Server
+	health  *health.Server
+	served  chan error
+	stopped bool
+}
+
+// Start connects, checks the schema, and serves. Stop releases everything.
+func Start(ctx context.Context, cfg Config) (*App, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.DBMaxConns <= 0 {
+		cfg.DBMaxConns = 16
+	}
+	if cfg.DB == "" {
+		return nil, errors.New("database URL is required")
+	}
+	st, err := postgres.Open(ctx, cfg.DB, int32(cfg.DBMaxConns))
+	if err != nil {
+		return nil, err
+	}
+	a := &App{Store: st, log: cfg.Logger, served: make(chan error, 1)}
+	fail := func(err error) (*App, error) {
+		if a.inv != nil {
+			_ = a.inv.Close()
+		}
+		st.Close()
+		return nil, err
+	}
+	if cfg.Migrate {
+		if _, err := postgres.Migrate(ctx, st.Pool()); err != nil {
+			return fail(err)
+		}
+	}
+	if err := st.Ping(ctx); err != nil {
+		return fail(err)
+	}
+	cfg.Invoke.Logger = cfg.Logger
+	a.inv = invoke.New(cfg.Invoke)
+	ec := cfg.Engine
+	ec.Store, ec.Invoker, ec.Logger = st, a.inv, cfg.Logger
+	if a.Engine, err = engine.New(ec); err != nil {
+		return fail(err)
+	}
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fail(fmt.Errorf("listen %s: %w", cfg.Listen, err))
+	}
+	a.Addr = lis.Addr().String()
+	lim := ec.Limits
+	if lim.MaxSteps <= 0 {
+		lim.MaxSteps = engine.DefaultMaxSteps
+	}
+	if lim.MaxPayloadBytes <= 0 {
+		lim.MaxPayloadBytes = engine.DefaultMaxPayloadBytes
+	}
+	// A saga carries at most two payloads per step; leave room for the rest of the message.
+	a.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(lim.MaxSteps*2*lim.MaxPayloadBytes + 1<<20))
+	treatyv1.RegisterCoordinatorServer(a.grpc, &server.Coordinator{Engine: a.Engine})
+	a.health = health.NewServer()
+	healthpb.RegisterHealthServer(a.grpc, a.health)
+	reflection.Register(a.grpc)
+	if err := a.Engine.Start(ctx); err != nil {
+		_ = lis.Close()
+		return fail(err)
+	}
+	go func() { a.served <- a.grpc.Serve(lis) }()
+	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	a.health.SetServingStatus(treatyv1.Coordinator_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	a.log.Info("coordinator serving", "grpc", a.Addr, "owner", a.Engine.Owner())
+	return a, nil
+}
+
+// Served is closed-over error channel: it yields when the gRPC server stops by itself.
+func (a *App) Served() <-chan error { return a.served }
+
+// Stop stops accepting requests, lets the engine finish in-flight calls and hand unfinished work
+// back, then closes connections. When ctx ends first, work is abandoned to lease expiry.
+// Stop is idempotent.
+func (a *App) Stop(ctx context.Context) error {
+	if a.stopped {
+		return nil
+	}
+	a.stopped = true
+	a.health.Shutdown()
+	graceful := make(chan struct{})
+	go func() { a.grpc.GracefulStop(); close(graceful) }()
+	err := a.Engine.Stop(ctx)
+	select {
+	case <-graceful:
+	case <-ctx.Done():
+		a.grpc.Stop()
+		<-graceful
+	}
+	_ = a.inv.Close()
+	a.Store.Close()
+	return err
+}

@@ -1,0 +1,223 @@
+// Package cli is the coordinator's command line: `coordinator serve | migrate`. cmd/coordinator
+// is a thin main around Main so that tests can run every command in process.
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/store/postgres"
+)
+
+// Env carries what a command reads from its surroundings, so tests can supply their own.
+type Env struct {
+	Stdout, Stderr io.Writer
+	Getenv         func(string) string
+	// Ready, if set, is called with the gRPC listen address once serve accepts requests.
+	Ready func(addr string)
+}
+
+const topUsage = `Treaty coordinator: durable sagas over gRPC, state in PostgreSQL.
+
+Usage:
+  coordinator serve   --db URL [flags]   serve the gRPC API and drive transactions
+  coordinator migrate --db URL [flags]   create or upgrade the schema (safe to run twice, or at once)
+
+Run 'coordinator COMMAND --help' for the flags of a command. Every flag can also be set by an
+environment variable: --db is TREATY_DB, --listen is TREATY_LISTEN, and so on.`
+
+// Main runs the command in args (without the program name) and returns the exit code.
+func Main(ctx context.Context, args []string, env Env) int {
+	if env.Getenv == nil {
+		env.Getenv = getenvOS
+	}
+	if env.Stdout == nil {
+		env.Stdout = os.Stdout
+	}
+	if env.Stderr == nil {
+		env.Stderr = os.Stderr
+	}
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintln(env.Stdout, topUsage)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	var err error
+	switch args[0] {
+	case "serve":
+		err = serve(ctx, args[1:], env)
+	case "migrate":
+		err = migrateCmd(ctx, args[1:], env)
+	default:
+		fmt.Fprintf(env.Stderr, "unknown command %q\n\n%s\n", args[0], topUsage)
+		return 2
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(env.Stderr, "coordinator %s: %v\n", args[0], err)
+		return 1
+	}
+	return 0
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+func migrateCmd(ctx context.Context, args []string, env Env) error {
+	var db string
+	var to int
+	f := newFlags("migrate", "coordinator migrate: apply the embedded schema migrations (under an advisory lock;\nrunning it twice is a no-op).", env.Stderr)
+	f.String(&db, "db", "", "PostgreSQL URL, e.g. postgres://user@host:5432/treaty")
+	f.Int(&to, "to", -1, "migrate up or down to this version instead of the latest (-1 = latest)")
+	if err := f.parse(args, env.Getenv); err != nil {
+		return err
+	}
+	if db == "" {
+		return errors.New("--db (or TREATY_DB) is required")
+	}
+	pool, err := pgxpool.New(ctx, db)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	defer pool.Close()
+	m, err := postgres.Migrator()
+	if err != nil {
+		return err
+	}
+	if to < 0 {
+		to = m.Latest()
+	}
+	res, err := m.To(ctx, pool, to)
+	if err != nil {
+		return err
+	}
+	if len(res.Applied) == 0 {
+		fmt.Fprintf(env.Stdout, "schema is at version %d; nothing to do\n", res.To)
+		return nil
+	}
+	fmt.Fprintf(env.Stdout, "schema migrated from version %d to %d\n", res.From, res.To)
+	return nil
+}
+
+type serveConfig struct {
+	db, listen, owner, logFormat, logLevel string
+	lease, recovery, shutdown              time.Duration
+	maxActive, threshold, maxPayload       int
+	maxSteps, dbConns, claimBatch          int
+	autoMigrate                            bool
+}
+
+func serve(ctx context.Context, args []string, env Env) error {
+	var c serveConfig
+	f := newFlags("serve", "coordinator serve: serve the treaty.v1 gRPC API (with health checking and reflection)\nand drive transactions to completion, recovering work that other replicas left behind.", env.Stderr)
+	f.String(&c.db, "db", "", "PostgreSQL URL (required), e.g. postgres://user@host:5432/treaty")
+	f.String(&c.listen, "listen", ":7600", "gRPC listen address")
+	f.String(&c.owner, "owner", "", "replica id used in leases (default host-pid-random)")
+	f.Duration(&c.lease, "lease", 10*time.Second, "how long a replica owns a transaction without renewing; a dead replica's work resumes elsewhere after this")
+	f.Duration(&c.recovery, "recovery-interval", time.Second, "how often to look for due work (retries, expired leases)")
+	f.Int(&c.claimBatch, "claim-batch", 64, "transactions claimed per recovery pass")
+	f.Int(&c.maxActive, "max-active", 10000, "transactions driven at once by this replica")
+	f.Int(&c.threshold, "operator-threshold", 10, "failed attempts of one compensation before a transaction needs an operator")
+	f.Int(&c.maxPayload, "max-payload-bytes", engine.DefaultMaxPayloadBytes, "largest payload of one action or compensation")
+	f.Int(&c.maxSteps, "max-steps", engine.DefaultMaxSteps, "most steps in one saga")
+	f.Int(&c.dbConns, "db-max-conns", 16, "PostgreSQL connection pool size")
+	f.Duration(&c.shutdown, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long to let in-flight calls finish before handing work back")
+	f.String(&c.logFormat, "log-format", "text", "log format: text or json")
+	f.String(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	f.Bool(&c.autoMigrate, "migrate", false, "apply schema migrations before serving")
+	if err := f.parse(args, env.Getenv); err != nil {
+		return err
+	}
+	if c.db == "" {
+		return errors.New("--db (or TREATY_DB) is required")
+	}
+	log, err := newLogger(env.Stderr, c.logFormat, c.logLevel)
+	if err != nil {
+		return err
+	}
+	crash, err := crashHook(env.Getenv("TREATY_CRASH_AT"), log)
+	if err != nil {
+		return err
+	}
+	a, err := app.Start(ctx, app.Config{
+		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, Migrate: c.autoMigrate, Logger: log,
+		Engine: engine.Config{
+			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
+			MaxActive: c.maxActive, OperatorThreshold: c.threshold,
+			Limits:     engine.Limits{MaxSteps: c.maxSteps, MaxPayloadBytes: c.maxPayload},
+			CrashPoint: crash,
+		},
+	})
+	if err != nil {
+		return err
+	}
+	if env.Ready != nil {
+		env.Ready(a.Addr)
+	}
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down: no new requests; finishing in-flight calls and handing work back", "timeout", c.shutdown)
+	case err := <-a.Served():
+		log.Error("gRPC server stopped", "err", err)
+	}
+	stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.shutdown)
+	defer cancel()
+	err = a.Stop(stopCtx)
+	log.Info("coordinator stopped")
+	return err
+}
+
+// crashHook turns TREATY_CRASH_AT=point[:n] into a hook that kills the process with SIGKILL the
+// n-th time (default 1st) the engine passes that point. It is fault injection for the crash
+// tests: a real coordinator dying at an exact instant.
+func crashHook(spec string, log *slog.Logger) (func(string), error) {
+	if spec == "" {
+		return nil, nil
+	}
+	point, nth := spec, int64(1)
+	if i := strings.LastIndexByte(spec, ':'); i >= 0 {
+		n, err := strconv.ParseInt(spec[i+1:], 10, 64)
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("TREATY_CRASH_AT=%q: want point or point:n with n >= 1", spec)
+		}
+		point, nth = spec[:i], n
+	}
+	log.Warn("fault injection armed: this process will SIGKILL itself", "point", point, "occurrence", nth)
+	var count atomic.Int64
+	return func(name string) {
+		if name == point && count.Add(1) == nth {
+			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // never continue past the crash point
+		}
+	}, nil
+}

@@ -1,0 +1,285 @@
+// Package engine is Treaty's one durable loop: it accepts transactions, drives them through the
+// state machines (pkg/saga), calls participants through the invoker, records every decision in
+// the store before acting on it, and recovers work that other replicas left behind.
+//
+// Crash safety: a transaction is in the store before its first participant call; a decision to
+// turn back is in the store before its first compensation; each result is in the store before a
+// step that depends on it starts; the final outcome is in the store before a caller is told. A
+// replica drives a transaction only while it holds its lease, and every write is fenced by the
+// epoch it claimed, so a replica that lost its lease can change nothing.
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/treatyhq/treaty/internal/invoke"
+	"github.com/treatyhq/treaty/internal/store"
+)
+
+// Invoker calls participants. *invoke.Invoker implements it.
+type Invoker interface {
+	Call(ctx context.Context, req invoke.Request) invoke.Result
+}
+
+// Config configures an Engine. Zero values mean the documented defaults.
+type Config struct {
+	Store   store.Store // required
+	Invoker Invoker     // required
+	Logger  *slog.Logger
+
+	// Owner identifies this replica in leases; default host-pid-random.
+	Owner string
+	// Lease is how long a replica owns a transaction without renewing; default 10s.
+	Lease time.Duration
+	// RecoveryInterval is how often due work is claimed; default 1s.
+	RecoveryInterval time.Duration
+	// ClaimBatch is how many transactions one claim takes at most; default 64.
+	ClaimBatch int
+	// MaxActive bounds the transactions this replica drives at once; default 10000.
+	MaxActive int
+	// OperatorThreshold is the number of failed attempts of one compensation after which a
+	// transaction waits for an operator; default 10.
+	OperatorThreshold int
+	// CommitBatch bounds how many records one group commit carries; default 256.
+	CommitBatch int
+	// CommitWorkers is how many group commits may be in flight at once; default 4.
+	CommitWorkers int
+	// Limits bound requests.
+	Limits Limits
+
+	// CrashPoint is called at named points of the loop (fault injection for tests); nil = none.
+	CrashPoint func(name string)
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+	// Rand returns uniform numbers in [0,1) for jitter; default math/rand/v2.
+	Rand func() float64
+}
+
+// Crash points passed to Config.CrashPoint.
+const (
+	CrashAfterCreate     = "after-create"      // the transaction row is written; no call made yet
+	CrashAfterCall       = "after-call"        // a participant call returned; its result is not recorded
+	CrashAfterRecord     = "after-record"      // a result is recorded; the next step is not started
+	CrashAfterCompCall   = "after-compensate"  // a compensation returned; its result is not recorded
+	CrashAfterCompRecord = "after-comp-record" // a compensation result is recorded
+)
+
+func (c *Config) setDefaults() error {
+	if c.Store == nil {
+		return errors.New("engine: Config.Store is required")
+	}
+	if c.Invoker == nil {
+		return errors.New("engine: Config.Invoker is required")
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Owner == "" {
+		host, _ := os.Hostname()
+		c.Owner = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), uuid.NewString()[:8])
+	}
+	if c.Lease <= 0 {
+		c.Lease = 10 * time.Second
+	}
+	if c.RecoveryInterval <= 0 {
+		c.RecoveryInterval = time.Second
+	}
+	if c.ClaimBatch <= 0 {
+		c.ClaimBatch = 64
+	}
+	if c.MaxActive <= 0 {
+		c.MaxActive = 10000
+	}
+	if c.OperatorThreshold <= 0 {
+		c.OperatorThreshold = 10
+	}
+	if c.CommitBatch <= 0 {
+		c.CommitBatch = 256
+	}
+	if c.CommitWorkers <= 0 {
+		c.CommitWorkers = 4
+	}
+	c.Limits = c.Limits.withDefaults()
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Rand == nil {
+		c.Rand = rand.Float64
+	}
+	if c.CrashPoint == nil {
+		c.CrashPoint = func(string) {}
+	}
+	return nil
+}
+
+// Engine drives transactions. Create it with New, then Start; Stop hands work back.
+type Engine struct {
+	cfg Config
+	log *slog.Logger
+
+	commits chan *recordReq
+
+	mu       sync.Mutex
+	active   map[string]*driver
+	waiters  map[string][]chan struct{}
+	started  bool
+	stopping bool
+	stopCh   chan struct{} // closed when Stop begins: drivers stop dispatching
+
+	drivers      sync.WaitGroup
+	loops        sync.WaitGroup
+	cancel       context.CancelFunc // stops background loops
+	hard         context.CancelFunc // cancels drivers (lease lost for all / hard stop)
+	baseCtx      context.Context
+	commitCtx    context.Context
+	commitCancel context.CancelFunc
+	commitWG     sync.WaitGroup
+}
+
+// New validates the configuration.
+func New(cfg Config) (*Engine, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	return &Engine{
+		cfg:     cfg,
+		log:     cfg.Logger.With("owner", cfg.Owner),
+		commits: make(chan *recordReq, 4096),
+		active:  make(map[string]*driver),
+		waiters: make(map[string][]chan struct{}),
+		stopCh:  make(chan struct{}),
+	}, nil
+}
+
+// Owner returns this replica's lease owner id.
+func (e *Engine) Owner() string { return e.cfg.Owner }
+
+// Start launches the group committer, the lease renewer and the recovery loop.
+func (e *Engine) Start(ctx context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.started {
+		return errors.New("engine: already started")
+	}
+	e.started = true
+	e.baseCtx, e.hard = context.WithCancel(context.WithoutCancel(ctx))
+	e.commitCtx, e.commitCancel = context.WithCancel(context.WithoutCancel(ctx))
+	for range e.cfg.CommitWorkers {
+		e.commitWG.Add(1)
+		go func() { defer e.commitWG.Done(); e.commitLoop(e.commitCtx) }()
+	}
+	loopCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	e.cancel = cancel
+	e.loops.Add(2)
+	go func() { defer e.loops.Done(); e.recoveryLoop(loopCtx) }()
+	go func() { defer e.loops.Done(); e.renewLoop(loopCtx) }()
+	return nil
+}
+
+// Stop stops accepting work, lets drivers finish the calls they have in flight and record them,
+// and hands every unfinished transaction back (lease released, due now) so another replica
+// continues at once. When ctx ends first, drivers are cancelled and their leases simply expire.
+// Stop is idempotent.
+func (e *Engine) Stop(ctx context.Context) error {
+	e.mu.Lock()
+	if !e.started || e.stopping {
+		e.mu.Unlock()
+		return nil
+	}
+	e.stopping = true
+	close(e.stopCh)
+	e.mu.Unlock()
+
+	e.cancel()
+	e.loops.Wait()
+
+	done := make(chan struct{})
+	go func() { e.drivers.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		e.hard()
+		<-done
+		err = fmt.Errorf("engine stop: %w", ctx.Err())
+	}
+	e.hard()
+	e.commitCancel()
+	e.commitWG.Wait()
+	return err
+}
+
+func (e *Engine) isStopping() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.stopping
+}
+
+// Active returns how many transactions this replica drives now.
+func (e *Engine) Active() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.active)
+}
+
+// register adds a driver unless the engine is stopping or the gid is already driven here.
+func (e *Engine) register(d *driver) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.stopping || !e.started {
+		return false
+	}
+	if _, ok := e.active[d.gid]; ok {
+		return false
+	}
+	e.active[d.gid] = d
+	e.drivers.Add(1)
+	return true
+}
+
+func (e *Engine) unregister(d *driver, terminal bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.active[d.gid] == d {
+		delete(e.active, d.gid)
+	}
+	if terminal {
+		for _, ch := range e.waiters[d.gid] {
+			close(ch)
+		}
+		delete(e.waiters, d.gid)
+	}
+	e.drivers.Done()
+}
+
+// watch returns a channel closed when this replica sees gid become terminal, and a func to
+// stop watching.
+func (e *Engine) watch(gid string) (<-chan struct{}, func()) {
+	ch := make(chan struct{})
+	e.mu.Lock()
+	e.waiters[gid] = append(e.waiters[gid], ch)
+	e.mu.Unlock()
+	return ch, func() {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		ws := e.waiters[gid]
+		for i, w := range ws {
+			if w == ch {
+				e.waiters[gid] = append(ws[:i], ws[i+1:]...)
+				break
+			}
+		}
+		if len(e.waiters[gid]) == 0 {
+			delete(e.waiters, gid)
+		}
+	}
+}

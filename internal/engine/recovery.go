@@ -1,0 +1,159 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/pkg/saga"
+)
+
+// recoveryLimits accept whatever was stored: limits apply when a request is accepted, not
+// when a stored transaction is resumed after the limits were lowered.
+var recoveryLimits = Limits{MaxSteps: math.MaxInt32, MaxPayloadBytes: math.MaxInt32, MaxTimeout: math.MaxInt64}
+
+// recoveryLoop claims due work: transactions whose owner died (lease expired) or that were handed
+// back. The replica that accepts a transaction drives it at once; this loop is only the safety net.
+func (e *Engine) recoveryLoop(ctx context.Context) {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := e.recoverOnce(ctx)
+		if err != nil && ctx.Err() == nil {
+			e.log.Warn("recovery: claim failed", "err", err)
+		}
+		next := e.cfg.RecoveryInterval
+		if n == e.cfg.ClaimBatch {
+			next = 0 // more may be waiting
+		} else {
+			// jitter so that replicas do not claim in lockstep
+			next = time.Duration(float64(next) * (0.75 + 0.5*e.cfg.Rand()))
+		}
+		t.Reset(next)
+	}
+}
+
+// recoverOnce claims one batch and starts a driver for each claimed transaction.
+func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
+	room := e.cfg.MaxActive - e.Active()
+	if room <= 0 || e.isStopping() {
+		return 0, nil
+	}
+	sent := time.Now()
+	claimed, err := e.cfg.Store.ClaimDue(ctx, store.ClaimParams{
+		Owner: e.cfg.Owner, Lease: e.cfg.Lease, Limit: min(room, e.cfg.ClaimBatch),
+	})
+	if err != nil {
+		return 0, err
+	}
+	for _, c := range claimed {
+		d, err := e.resume(c, sent.Add(e.cfg.Lease))
+		if err != nil {
+			e.log.Error("recovery: cannot resume transaction; it stays due", "gid", c.Transaction.GID, "err", err)
+			continue
+		}
+		e.log.Info("recovery: resuming transaction", "gid", d.gid, "epoch", d.epoch, "status", c.Transaction.Status)
+		if !e.start(d) {
+			// Stopping: hand it straight back.
+			_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: d.gid, Epoch: d.epoch}})
+		}
+	}
+	return len(claimed), nil
+}
+
+// resume rebuilds a driver from stored rows.
+func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) {
+	t := c.Transaction
+	if t.Mode != "saga" {
+		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
+	}
+	var spec treatyv1.SagaSpec
+	if err := proto.Unmarshal(t.Spec, &spec); err != nil {
+		return nil, fmt.Errorf("decode stored spec: %w", err)
+	}
+	plan, err := planSaga(&spec, recoveryLimits)
+	if err != nil {
+		return nil, fmt.Errorf("stored spec no longer valid: %w", err)
+	}
+	state := stateFromRows(plan, t, c.Branches)
+	d := e.newDriver(t.GID, t.Epoch, plan, t.Deadline, state, leaseUntil)
+	d.state = saga.Recover(d.spec, d.state)
+	d.persisted = d.state.Clone()
+	return d, nil
+}
+
+func stateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) saga.State {
+	s := saga.New(saga.Spec{Steps: plan.policy})
+	s.Phase = saga.Phase(t.Status)
+	s.Reason = t.Reason
+	idx := make(map[string]int, len(plan.steps))
+	for i, st := range plan.steps {
+		idx[st.name] = i
+	}
+	for _, r := range rows {
+		i, ok := idx[r.Branch]
+		if !ok {
+			continue
+		}
+		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt}
+		if r.Op == string(saga.OpCompensate) {
+			s.Steps[i].Compensate = b
+		} else {
+			s.Steps[i].Action = b
+		}
+	}
+	return s
+}
+
+// renewLoop extends the leases of every transaction this replica drives, and stops drivers whose
+// lease another replica has taken.
+func (e *Engine) renewLoop(ctx context.Context) {
+	t := time.NewTicker(e.cfg.Lease / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		e.mu.Lock()
+		ds := make([]*driver, 0, len(e.active))
+		for _, d := range e.active {
+			ds = append(ds, d)
+		}
+		e.mu.Unlock()
+		if len(ds) == 0 {
+			continue
+		}
+		refs := make([]store.LeaseRef, len(ds))
+		for i, d := range ds {
+			refs[i] = store.LeaseRef{GID: d.gid, Epoch: d.epoch}
+		}
+		sent := time.Now()
+		res, err := e.cfg.Store.RenewLeases(ctx, store.RenewParams{Owner: e.cfg.Owner, Lease: e.cfg.Lease, Refs: refs})
+		if err != nil {
+			if ctx.Err() == nil {
+				e.log.Warn("lease renewal failed; drivers stop on their own when their leases run out", "err", err)
+			}
+			continue
+		}
+		for _, d := range ds {
+			if res.Renewed[d.gid] {
+				d.extendLease(sent, e.cfg.Lease)
+			} else {
+				// Finished meanwhile, or taken over: either way this driver must not go on.
+				d.cancelLost()
+			}
+		}
+	}
+}

@@ -1,0 +1,214 @@
+package engine
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"regexp"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/invoke"
+	"github.com/treatyhq/treaty/pkg/saga"
+)
+
+// Limits bound what one request may ask for. Zero values mean the defaults below.
+type Limits struct {
+	MaxSteps        int           // default 64
+	MaxPayloadBytes int           // per action or compensation payload; default 1 MiB
+	MaxTimeout      time.Duration // longest saga timeout accepted; default 7 days
+}
+
+// Fixed limits, part of the API contract.
+const (
+	MaxGIDBytes      = 128
+	MaxStepNameBytes = 64
+	MaxAttemptsLimit = 1000
+)
+
+// Defaults applied to fields a request leaves empty.
+const (
+	DefaultMaxSteps        = 64
+	DefaultMaxPayloadBytes = 1 << 20
+	DefaultMaxTimeout      = 7 * 24 * time.Hour
+	DefaultSagaTimeout     = time.Hour
+	DefaultMaxAttempts     = 5
+	DefaultInitialBackoff  = 100 * time.Millisecond
+	DefaultMaxBackoff      = 10 * time.Second
+	DefaultCallTimeout     = 5 * time.Second
+	MaxCallTimeout         = 5 * time.Minute
+)
+
+func (l Limits) withDefaults() Limits {
+	if l.MaxSteps <= 0 {
+		l.MaxSteps = DefaultMaxSteps
+	}
+	if l.MaxPayloadBytes <= 0 {
+		l.MaxPayloadBytes = DefaultMaxPayloadBytes
+	}
+	if l.MaxTimeout <= 0 {
+		l.MaxTimeout = DefaultMaxTimeout
+	}
+	return l
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9._:-]+$`)
+
+// ValidateGID checks a caller-chosen gid.
+func ValidateGID(gid string) error {
+	if len(gid) > MaxGIDBytes {
+		return invalid("gid", "is %d bytes, limit %d", len(gid), MaxGIDBytes)
+	}
+	if !nameRE.MatchString(gid) {
+		return invalid("gid", "%q has characters outside [A-Za-z0-9._:-]", gid)
+	}
+	return nil
+}
+
+// step is a validated saga step with its defaults applied.
+type step struct {
+	name        string
+	action      call
+	compensate  call
+	callTimeout time.Duration
+}
+
+type call struct {
+	target  string
+	payload []byte
+}
+
+// sagaPlan is a validated saga: what the state machine needs plus what the engine calls.
+type sagaPlan struct {
+	steps   []step
+	policy  []saga.Step
+	timeout time.Duration
+}
+
+func durationField(field string, d interface{ AsDuration() time.Duration }, isNil bool, def, max time.Duration) (time.Duration, error) {
+	if isNil {
+		return def, nil
+	}
+	v := d.AsDuration()
+	if v < 0 {
+		return 0, invalid(field, "must not be negative, got %s", v)
+	}
+	if v == 0 {
+		return def, nil
+	}
+	if max > 0 && v > max {
+		return 0, invalid(field, "is %s, limit %s", v, max)
+	}
+	return v, nil
+}
+
+// planSaga validates a submitted saga spec against the limits and applies defaults.
+func planSaga(spec *treatyv1.SagaSpec, lim Limits) (*sagaPlan, error) {
+	if spec == nil || len(spec.Steps) == 0 {
+		return nil, invalid("saga.steps", "at least one step is required")
+	}
+	if len(spec.Steps) > lim.MaxSteps {
+		return nil, invalid("saga.steps", "has %d steps, limit %d", len(spec.Steps), lim.MaxSteps)
+	}
+	p := &sagaPlan{}
+	var err error
+	if p.timeout, err = durationField("saga.timeout", spec.Timeout, spec.Timeout == nil, DefaultSagaTimeout, lim.MaxTimeout); err != nil {
+		return nil, err
+	}
+	seen := make(map[string]int, len(spec.Steps))
+	for i, s := range spec.Steps {
+		f := fmt.Sprintf("saga.steps[%d]", i)
+		if s.Name == "" {
+			return nil, invalid(f+".name", "must not be empty")
+		}
+		if len(s.Name) > MaxStepNameBytes {
+			return nil, invalid(f+".name", "is %d bytes, limit %d", len(s.Name), MaxStepNameBytes)
+		}
+		if !nameRE.MatchString(s.Name) {
+			return nil, invalid(f+".name", "%q has characters outside [A-Za-z0-9._:-]", s.Name)
+		}
+		if j, dup := seen[s.Name]; dup {
+			return nil, invalid(f+".name", "%q duplicates saga.steps[%d]", s.Name, j)
+		}
+		seen[s.Name] = i
+		st := step{name: s.Name}
+		if st.action, err = planCall(f+".action", s.Action, lim); err != nil {
+			return nil, err
+		}
+		if st.compensate, err = planCall(f+".compensate", s.Compensate, lim); err != nil {
+			return nil, err
+		}
+		if st.callTimeout, err = durationField(f+".call_timeout", s.CallTimeout, s.CallTimeout == nil, DefaultCallTimeout, MaxCallTimeout); err != nil {
+			return nil, err
+		}
+		pol := saga.Step{Name: s.Name, DependsOn: s.DependsOn, MaxAttempts: DefaultMaxAttempts,
+			InitialBackoff: DefaultInitialBackoff, MaxBackoff: DefaultMaxBackoff}
+		if r := s.Retry; r != nil {
+			if r.MaxAttempts < 0 || r.MaxAttempts > MaxAttemptsLimit {
+				return nil, invalid(f+".retry.max_attempts", "is %d, must be within 0..%d (0 = default %d)", r.MaxAttempts, MaxAttemptsLimit, DefaultMaxAttempts)
+			}
+			if r.MaxAttempts > 0 {
+				pol.MaxAttempts = int(r.MaxAttempts)
+			}
+			if pol.InitialBackoff, err = durationField(f+".retry.initial_backoff", r.InitialBackoff, r.InitialBackoff == nil, DefaultInitialBackoff, time.Hour); err != nil {
+				return nil, err
+			}
+			if pol.MaxBackoff, err = durationField(f+".retry.max_backoff", r.MaxBackoff, r.MaxBackoff == nil, DefaultMaxBackoff, 24*time.Hour); err != nil {
+				return nil, err
+			}
+			if pol.MaxBackoff < pol.InitialBackoff {
+				return nil, invalid(f+".retry.max_backoff", "%s is below initial_backoff %s", pol.MaxBackoff, pol.InitialBackoff)
+			}
+		}
+		p.steps = append(p.steps, st)
+		p.policy = append(p.policy, pol)
+	}
+	for i, s := range spec.Steps {
+		for _, d := range s.DependsOn {
+			if _, ok := seen[d]; !ok {
+				return nil, invalid(fmt.Sprintf("saga.steps[%d].depends_on", i), "%q is not a step of this saga", d)
+			}
+		}
+	}
+	if err := saga.Validate(saga.Spec{Steps: p.policy, OperatorThreshold: 1}); err != nil {
+		return nil, invalid("saga.steps.depends_on", "%v", err)
+	}
+	return p, nil
+}
+
+func planCall(field string, c *treatyv1.Call, lim Limits) (call, error) {
+	if c == nil {
+		return call{}, invalid(field, "is required")
+	}
+	if _, err := invoke.ParseTarget(c.Target); err != nil {
+		return call{}, invalid(field+".target", "%v", err)
+	}
+	if len(c.Payload) > lim.MaxPayloadBytes {
+		return call{}, invalid(field+".payload", "is %s, limit %s", byteSize(len(c.Payload)), byteSize(lim.MaxPayloadBytes))
+	}
+	return call{target: c.Target, payload: c.Payload}, nil
+}
+
+func byteSize(n int) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d bytes", n)
+}
+
+// encodeSpec returns the stored form of a spec and its hash. Deterministic marshaling makes the
+// same request produce the same bytes, which is what idempotent submit compares.
+func encodeSpec(m proto.Message) ([]byte, []byte, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return nil, nil, fmt.Errorf("encode spec: %w", err)
+	}
+	h := sha256.Sum256(b)
+	return b, h[:], nil
+}

@@ -1,0 +1,170 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/pkg/saga"
+)
+
+// SubmitResult is what SubmitSaga did.
+type SubmitResult struct {
+	GID      string
+	Existing bool // the gid existed with the same spec; nothing new was started
+}
+
+// SubmitSaga validates and stores a saga, then drives it in this process at once. The
+// transaction is durable before the first participant call.
+func (e *Engine) SubmitSaga(ctx context.Context, gid string, spec *treatyv1.SagaSpec) (SubmitResult, error) {
+	if gid == "" {
+		id, err := uuid.NewV7()
+		if err != nil {
+			return SubmitResult{}, fmt.Errorf("generate gid: %w", err)
+		}
+		gid = id.String()
+	} else if err := ValidateGID(gid); err != nil {
+		return SubmitResult{}, err
+	}
+	plan, err := planSaga(spec, e.cfg.Limits)
+	if err != nil {
+		return SubmitResult{}, err
+	}
+	if e.isStopping() {
+		return SubmitResult{}, ErrStopping
+	}
+	raw, hash, err := encodeSpec(spec)
+	if err != nil {
+		return SubmitResult{}, err
+	}
+	branches := make([]store.Branch, 0, 2*len(plan.steps))
+	for i, st := range plan.steps {
+		branches = append(branches,
+			store.Branch{Branch: st.name, Op: string(saga.OpAction), Position: i, Status: string(saga.StatusPending)},
+			store.Branch{Branch: st.name, Op: string(saga.OpCompensate), Position: i, Status: string(saga.StatusPending)})
+	}
+	sent := time.Now()
+	res, err := e.cfg.Store.CreateTransaction(ctx, store.CreateParams{
+		GID: gid, Mode: "saga", Status: string(saga.PhaseRunning), Spec: raw, SpecHash: hash,
+		Timeout: plan.timeout, Owner: e.cfg.Owner, Lease: e.cfg.Lease,
+		Branches: branches,
+		Events:   []store.Event{{Kind: "submitted", Detail: fmt.Sprintf("saga with %d steps", len(plan.steps))}},
+	})
+	if err != nil {
+		return SubmitResult{}, err
+	}
+	if !res.Created {
+		if !bytes.Equal(res.Transaction.SpecHash, hash) || res.Transaction.Mode != "saga" {
+			return SubmitResult{}, fmt.Errorf("gid %q: %w with a different spec", gid, ErrAlreadyExists)
+		}
+		return SubmitResult{GID: gid, Existing: true}, nil
+	}
+	e.cfg.CrashPoint(CrashAfterCreate)
+	d := e.newDriver(gid, 1, plan, res.Transaction.Deadline, saga.New(saga.Spec{Steps: plan.policy}), sent.Add(e.cfg.Lease))
+	if !e.start(d) {
+		// Stopping: the lease expires (or recovery elsewhere claims it); nothing is lost.
+		_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: gid, Epoch: 1}})
+	}
+	return SubmitResult{GID: gid}, nil
+}
+
+// Get returns a transaction with its branches and events.
+func (e *Engine) Get(ctx context.Context, gid string) (*treatyv1.Transaction, error) {
+	t, bs, err := e.cfg.Store.GetTransaction(ctx, gid)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("gid %q: %w", gid, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	evs, err := e.cfg.Store.ListEvents(ctx, gid)
+	if err != nil {
+		return nil, err
+	}
+	return toProto(t, bs, evs), nil
+}
+
+// Wait blocks until the transaction is terminal or timeout passes, then returns it.
+func (e *Engine) Wait(ctx context.Context, gid string, timeout time.Duration) (*treatyv1.Transaction, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	done, unwatch := e.watch(gid)
+	defer unwatch()
+	poll := 20 * time.Millisecond
+	for {
+		tx, err := e.Get(context.WithoutCancel(ctx), gid)
+		if err != nil {
+			return nil, false, err
+		}
+		if terminal(tx.Status) {
+			return tx, true, nil
+		}
+		// Driven here: the driver says when. Driven elsewhere: poll, backing off.
+		select {
+		case <-done:
+			done = nil
+		case <-time.After(poll):
+			poll = min(poll*2, 500*time.Millisecond)
+		case <-ctx.Done():
+			return tx, false, nil
+		}
+	}
+}
+
+func terminal(s treatyv1.Status) bool {
+	return s == treatyv1.Status_STATUS_SUCCEEDED || s == treatyv1.Status_STATUS_COMPENSATED || s == treatyv1.Status_STATUS_NEEDS_OPERATOR
+}
+
+var statusToProto = map[string]treatyv1.Status{
+	string(saga.PhaseRunning):       treatyv1.Status_STATUS_RUNNING,
+	string(saga.PhaseCompensating):  treatyv1.Status_STATUS_COMPENSATING,
+	string(saga.PhaseSucceeded):     treatyv1.Status_STATUS_SUCCEEDED,
+	string(saga.PhaseCompensated):   treatyv1.Status_STATUS_COMPENSATED,
+	string(saga.PhaseNeedsOperator): treatyv1.Status_STATUS_NEEDS_OPERATOR,
+}
+
+var branchStatusToProto = map[string]treatyv1.BranchStatus{
+	string(saga.StatusPending):   treatyv1.BranchStatus_BRANCH_STATUS_PENDING,
+	string(saga.StatusUnknown):   treatyv1.BranchStatus_BRANCH_STATUS_UNKNOWN,
+	string(saga.StatusSucceeded): treatyv1.BranchStatus_BRANCH_STATUS_SUCCEEDED,
+	string(saga.StatusFailed):    treatyv1.BranchStatus_BRANCH_STATUS_FAILED,
+	string(saga.StatusSkipped):   treatyv1.BranchStatus_BRANCH_STATUS_SKIPPED,
+}
+
+var modeToProto = map[string]treatyv1.Mode{
+	"saga": treatyv1.Mode_MODE_SAGA,
+}
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func toProto(t store.Transaction, bs []store.Branch, evs []store.Event) *treatyv1.Transaction {
+	out := &treatyv1.Transaction{
+		Gid: t.GID, Mode: modeToProto[t.Mode], Status: statusToProto[t.Status],
+		CreatedAt: ts(t.CreatedAt), UpdatedAt: ts(t.UpdatedAt), Deadline: ts(t.Deadline),
+		Reason: t.Reason,
+	}
+	for _, b := range bs {
+		out.Branches = append(out.Branches, &treatyv1.Branch{
+			Name: b.Branch, Op: b.Op, Status: branchStatusToProto[b.Status],
+			Attempts: int32(b.Attempts), LastError: b.LastError, UpdatedAt: ts(b.UpdatedAt),
+		})
+	}
+	for _, ev := range evs {
+		out.Events = append(out.Events, &treatyv1.Event{
+			Id: ev.ID, At: ts(ev.At), Kind: ev.Kind, Branch: ev.Branch, Op: ev.Op, Detail: ev.Detail,
+		})
+	}
+	return out
+}

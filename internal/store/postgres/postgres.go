@@ -1,0 +1,431 @@
+// Package postgres is the PostgreSQL backend of the coordinator's store (pgx v5).
+//
+// Every write that must be atomic is one statement (data-modifying CTEs) or one pipelined batch
+// (pgx sends a batch with a single Sync, so it runs as one implicit transaction and costs one
+// round trip and one commit).
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/treatyhq/treaty/internal/migrate"
+	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/migrations"
+)
+
+// VersionTable records which coordinator migrations ran.
+const VersionTable = "treaty_schema_migrations"
+
+// Migrator returns the coordinator's schema migrator.
+func Migrator() (*migrate.Migrator, error) {
+	return migrate.New(migrations.FS, VersionTable, nil)
+}
+
+// Migrate applies every pending coordinator migration.
+func Migrate(ctx context.Context, pool *pgxpool.Pool) (migrate.Result, error) {
+	m, err := Migrator()
+	if err != nil {
+		return migrate.Result{}, err
+	}
+	return m.Up(ctx, pool)
+}
+
+// Store implements store.Store on PostgreSQL.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+var _ store.Store = (*Store)(nil)
+
+// New wraps a pool. The caller keeps ownership of the pool only if it does not call Close.
+func New(pool *pgxpool.Pool) *Store { return &Store{pool: pool} }
+
+// Open connects to url with a pool sized for the coordinator.
+func Open(ctx context.Context, url string, maxConns int32) (*Store, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	if maxConns > 0 {
+		cfg.MaxConns = maxConns
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect database: %w", err)
+	}
+	return New(pool), nil
+}
+
+// Pool exposes the underlying pool (for migrations and tests).
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+
+// Close closes the pool.
+func (s *Store) Close() { s.pool.Close() }
+
+const createSQL = `
+WITH t AS (
+    INSERT INTO treaty_transactions
+        (gid, mode, status, spec, spec_hash, workflow_name, workflow_version, deadline,
+         next_attempt_at, lease_owner, lease_expires_at, epoch)
+    VALUES ($1, $2, $3, $4, $5, nullif($6, ''), nullif($7, 0), now() + $8::interval,
+            now() + $10::interval, $9, now() + $10::interval, 1)
+    ON CONFLICT (gid) DO NOTHING
+    RETURNING gid, created_at, updated_at, deadline, next_attempt_at, lease_expires_at
+), b AS (
+    INSERT INTO treaty_branches (gid, branch, op, position, status)
+    SELECT t.gid, x.branch, x.op, x.position, x.status
+    FROM t, unnest($11::text[], $12::text[], $13::int[], $14::text[]) AS x(branch, op, position, status)
+), e AS (
+    INSERT INTO treaty_events (gid, kind, branch, op, detail)
+    SELECT t.gid, x.kind, x.branch, x.op, x.detail
+    FROM t, unnest($15::text[], $16::text[], $17::text[], $18::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
+    ORDER BY x.n
+)
+SELECT created_at, updated_at, deadline, next_attempt_at, lease_expires_at FROM t`
+
+// CreateTransaction implements store.Store.
+func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (store.CreateResult, error) {
+	bn, bo, bp, bs := branchArrays(p.Branches)
+	ek, eb, eo, ed := eventArrays(p.Events)
+	t := store.Transaction{
+		GID: p.GID, Mode: p.Mode, Status: p.Status, Spec: p.Spec, SpecHash: p.SpecHash,
+		WorkflowName: p.WorkflowName, WorkflowVersion: p.WorkflowVersion,
+		LeaseOwner: p.Owner, Epoch: 1,
+	}
+	err := s.pool.QueryRow(ctx, createSQL,
+		p.GID, p.Mode, p.Status, p.Spec, p.SpecHash, p.WorkflowName, p.WorkflowVersion,
+		p.Timeout, p.Owner, p.Lease,
+		bn, bo, bp, bs, ek, eb, eo, ed,
+	).Scan(&t.CreatedAt, &t.UpdatedAt, &t.Deadline, &t.NextAttemptAt, &t.LeaseExpiresAt)
+	if err == nil {
+		return store.CreateResult{Created: true, Transaction: t}, nil
+	}
+	if !errors.Is(err, pgx.ErrNoRows) {
+		return store.CreateResult{}, fmt.Errorf("create transaction %q: %w", p.GID, err)
+	}
+	existing, _, err := s.GetTransaction(ctx, p.GID)
+	if err != nil {
+		return store.CreateResult{}, err
+	}
+	return store.CreateResult{Created: false, Transaction: existing}, nil
+}
+
+// recordSQL is one fenced write: the transaction row is updated only at the caller's epoch, and
+// branches and events are written only if that update matched.
+const recordSQL = `
+WITH t AS (
+    UPDATE treaty_transactions SET
+        status = $3,
+        reason = $4,
+        updated_at = now(),
+        next_attempt_at = CASE WHEN $5 THEN NULL ELSE now() + $6::interval END,
+        lease_expires_at = CASE WHEN $5 THEN NULL ELSE now() + $6::interval END,
+        lease_owner = CASE WHEN $5 THEN NULL ELSE lease_owner END
+    WHERE gid = $1 AND epoch = $2
+    RETURNING gid, lease_expires_at
+), b AS (
+    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, updated_at)
+    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, now()
+    FROM t, unnest($7::text[], $8::text[], $9::int[], $10::text[], $11::int[], $12::text[], $13::timestamptz[])
+        AS x(branch, op, position, status, attempts, last_error, next_at)
+    ON CONFLICT (gid, branch, op) DO UPDATE SET
+        status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error,
+        next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at
+), e AS (
+    INSERT INTO treaty_events (gid, kind, branch, op, detail)
+    SELECT t.gid, x.kind, x.branch, x.op, x.detail
+    FROM t, unnest($14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
+    ORDER BY x.n
+)
+SELECT count(*), max(lease_expires_at) FROM t`
+
+// Record implements store.Store: all writes in one pipelined batch, one commit.
+func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.RecordResult, error) {
+	if len(ps) == 0 {
+		return nil, nil
+	}
+	batch := &pgx.Batch{}
+	for _, p := range ps {
+		bn, bo, bpos, bs := branchArrays(p.Branches)
+		ba := make([]int32, len(p.Branches))
+		be := make([]string, len(p.Branches))
+		bt := make([]*time.Time, len(p.Branches))
+		for i, b := range p.Branches {
+			ba[i] = int32(b.Attempts)
+			be[i] = b.LastError
+			if !b.NextAttemptAt.IsZero() {
+				t := b.NextAttemptAt
+				bt[i] = &t
+			}
+		}
+		ek, eb, eo, ed := eventArrays(p.Events)
+		batch.Queue(recordSQL, p.GID, p.Epoch, p.Status, p.Reason, p.Terminal, p.Lease,
+			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed)
+	}
+	br := s.pool.SendBatch(ctx, batch)
+	out := make([]store.RecordResult, len(ps))
+	for i := range ps {
+		var n int64
+		var exp *time.Time
+		if err := br.QueryRow().Scan(&n, &exp); err != nil {
+			_ = br.Close()
+			return nil, fmt.Errorf("record %q: %w", ps[i].GID, err)
+		}
+		out[i].Owned = n == 1
+		if exp != nil {
+			out[i].LeaseExpiresAt = *exp
+		}
+	}
+	if err := br.Close(); err != nil {
+		return nil, fmt.Errorf("record batch: %w", err)
+	}
+	return out, nil
+}
+
+const txColumns = `gid, mode, status, spec, spec_hash, coalesce(workflow_name, ''), coalesce(workflow_version, 0),
+    reason, created_at, updated_at, deadline, next_attempt_at, coalesce(lease_owner, ''), lease_expires_at, epoch`
+
+func scanTx(row pgx.Row) (store.Transaction, error) {
+	var t store.Transaction
+	var next, lease *time.Time
+	err := row.Scan(&t.GID, &t.Mode, &t.Status, &t.Spec, &t.SpecHash, &t.WorkflowName, &t.WorkflowVersion,
+		&t.Reason, &t.CreatedAt, &t.UpdatedAt, &t.Deadline, &next, &t.LeaseOwner, &lease, &t.Epoch)
+	if next != nil {
+		t.NextAttemptAt = *next
+	}
+	if lease != nil {
+		t.LeaseExpiresAt = *lease
+	}
+	return t, err
+}
+
+const branchesSQL = `SELECT gid, branch, op, position, status, attempts, last_error, next_attempt_at, updated_at
+    FROM treaty_branches WHERE gid = ANY($1) ORDER BY gid, position, op`
+
+func (s *Store) branches(ctx context.Context, gids []string) (map[string][]store.Branch, error) {
+	rows, err := s.pool.Query(ctx, branchesSQL, gids)
+	if err != nil {
+		return nil, fmt.Errorf("read branches: %w", err)
+	}
+	defer rows.Close()
+	out := make(map[string][]store.Branch, len(gids))
+	for rows.Next() {
+		var gid string
+		var b store.Branch
+		var next *time.Time
+		if err := rows.Scan(&gid, &b.Branch, &b.Op, &b.Position, &b.Status, &b.Attempts, &b.LastError, &next, &b.UpdatedAt); err != nil {
+			return nil, fmt.Errorf("read branches: %w", err)
+		}
+		if next != nil {
+			b.NextAttemptAt = *next
+		}
+		out[gid] = append(out[gid], b)
+	}
+	return out, rows.Err()
+}
+
+// GetTransaction implements store.Store.
+func (s *Store) GetTransaction(ctx context.Context, gid string) (store.Transaction, []store.Branch, error) {
+	t, err := scanTx(s.pool.QueryRow(ctx, "SELECT "+txColumns+" FROM treaty_transactions WHERE gid = $1", gid))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return store.Transaction{}, nil, fmt.Errorf("%w: %q", store.ErrNotFound, gid)
+	}
+	if err != nil {
+		return store.Transaction{}, nil, fmt.Errorf("read transaction %q: %w", gid, err)
+	}
+	bs, err := s.branches(ctx, []string{gid})
+	if err != nil {
+		return store.Transaction{}, nil, err
+	}
+	return t, bs[gid], nil
+}
+
+// ListEvents implements store.Store.
+func (s *Store) ListEvents(ctx context.Context, gid string) ([]store.Event, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, at, kind, branch, op, detail FROM treaty_events WHERE gid = $1 ORDER BY id`, gid)
+	if err != nil {
+		return nil, fmt.Errorf("read events of %q: %w", gid, err)
+	}
+	defer rows.Close()
+	var out []store.Event
+	for rows.Next() {
+		var e store.Event
+		if err := rows.Scan(&e.ID, &e.At, &e.Kind, &e.Branch, &e.Op, &e.Detail); err != nil {
+			return nil, fmt.Errorf("read events of %q: %w", gid, err)
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+const claimSQL = `
+UPDATE treaty_transactions t SET
+    lease_owner = $1,
+    lease_expires_at = now() + $2::interval,
+    next_attempt_at = now() + $2::interval,
+    epoch = t.epoch + 1,
+    updated_at = now()
+WHERE t.gid IN (
+    SELECT gid FROM treaty_transactions
+    WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
+      AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+    ORDER BY next_attempt_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING ` + txColumns
+
+// ClaimDue implements store.Store.
+func (s *Store) ClaimDue(ctx context.Context, p store.ClaimParams) ([]store.Claimed, error) {
+	if p.Limit <= 0 {
+		return nil, nil
+	}
+	rows, err := s.pool.Query(ctx, claimSQL, p.Owner, p.Lease, p.Limit)
+	if err != nil {
+		return nil, fmt.Errorf("claim due transactions: %w", err)
+	}
+	var txs []store.Transaction
+	for rows.Next() {
+		t, err := scanTx(rows)
+		if err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("claim due transactions: %w", err)
+		}
+		txs = append(txs, t)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("claim due transactions: %w", err)
+	}
+	if len(txs) == 0 {
+		return nil, nil
+	}
+	gids := make([]string, len(txs))
+	for i, t := range txs {
+		gids[i] = t.GID
+	}
+	// Read after the claim committed: we own these rows now, so nobody else changes them.
+	bs, err := s.branches(ctx, gids)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]store.Claimed, len(txs))
+	for i, t := range txs {
+		out[i] = store.Claimed{Transaction: t, Branches: bs[t.GID]}
+	}
+	return out, nil
+}
+
+const renewSQL = `
+UPDATE treaty_transactions t SET
+    lease_expires_at = now() + $2::interval,
+    next_attempt_at = now() + $2::interval
+FROM unnest($3::text[], $4::bigint[]) AS x(gid, epoch)
+WHERE t.gid = x.gid AND t.epoch = x.epoch AND t.lease_owner = $1 AND t.next_attempt_at IS NOT NULL
+RETURNING t.gid, t.lease_expires_at`
+
+// RenewLeases implements store.Store.
+func (s *Store) RenewLeases(ctx context.Context, p store.RenewParams) (store.RenewResult, error) {
+	res := store.RenewResult{Renewed: make(map[string]bool, len(p.Refs))}
+	if len(p.Refs) == 0 {
+		return res, nil
+	}
+	gids := make([]string, len(p.Refs))
+	epochs := make([]int64, len(p.Refs))
+	for i, r := range p.Refs {
+		gids[i], epochs[i] = r.GID, r.Epoch
+	}
+	rows, err := s.pool.Query(ctx, renewSQL, p.Owner, p.Lease, gids, epochs)
+	if err != nil {
+		return res, fmt.Errorf("renew leases: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var gid string
+		var exp time.Time
+		if err := rows.Scan(&gid, &exp); err != nil {
+			return res, fmt.Errorf("renew leases: %w", err)
+		}
+		res.Renewed[gid] = true
+		res.LeaseExpiresAt = exp
+	}
+	return res, rows.Err()
+}
+
+const releaseSQL = `
+UPDATE treaty_transactions t SET
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    next_attempt_at = greatest(now(), coalesce(x.next_at, now())),
+    updated_at = now()
+FROM unnest($2::text[], $3::bigint[], $4::timestamptz[]) AS x(gid, epoch, next_at)
+WHERE t.gid = x.gid AND t.epoch = x.epoch AND t.lease_owner = $1 AND t.next_attempt_at IS NOT NULL`
+
+// ReleaseLeases implements store.Store.
+func (s *Store) ReleaseLeases(ctx context.Context, owner string, rs []store.Release) error {
+	if len(rs) == 0 {
+		return nil
+	}
+	gids := make([]string, len(rs))
+	epochs := make([]int64, len(rs))
+	next := make([]*time.Time, len(rs))
+	for i, r := range rs {
+		gids[i], epochs[i] = r.GID, r.Epoch
+		if !r.NextAttemptAt.IsZero() {
+			t := r.NextAttemptAt
+			next[i] = &t
+		}
+	}
+	if _, err := s.pool.Exec(ctx, releaseSQL, owner, gids, epochs, next); err != nil {
+		return fmt.Errorf("release leases: %w", err)
+	}
+	return nil
+}
+
+// Now implements store.Store.
+func (s *Store) Now(ctx context.Context) (time.Time, error) {
+	var t time.Time
+	if err := s.pool.QueryRow(ctx, "SELECT now()").Scan(&t); err != nil {
+		return time.Time{}, fmt.Errorf("read database clock: %w", err)
+	}
+	return t, nil
+}
+
+// Ping implements store.Store: the database answers and every migration this binary knows ran.
+func (s *Store) Ping(ctx context.Context) error {
+	m, err := Migrator()
+	if err != nil {
+		return err
+	}
+	v, err := m.Current(ctx, s.pool)
+	if err != nil {
+		return fmt.Errorf("database unreachable: %w", err)
+	}
+	if v != m.Latest() {
+		return fmt.Errorf("schema at version %d, this binary needs %d: run `coordinator migrate`", v, m.Latest())
+	}
+	return nil
+}
+
+func branchArrays(bs []store.Branch) (names, ops []string, pos []int32, status []string) {
+	names, ops, status = make([]string, len(bs)), make([]string, len(bs)), make([]string, len(bs))
+	pos = make([]int32, len(bs))
+	for i, b := range bs {
+		names[i], ops[i], pos[i], status[i] = b.Branch, b.Op, int32(b.Position), b.Status
+	}
+	return
+}
+
+func eventArrays(es []store.Event) (kinds, branches, ops, details []string) {
+	kinds, branches, ops, details = make([]string, len(es)), make([]string, len(es)), make([]string, len(es)), make([]string, len(es))
+	for i, e := range es {
+		kinds[i], branches[i], ops[i], details[i] = e.Kind, e.Branch, e.Op, e.Detail
+	}
+	return
+}

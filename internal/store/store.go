@@ -1,0 +1,169 @@
+// Package store defines how the coordinator keeps its durable state. The engine talks to a
+// Store; backends (store/postgres, later an embedded one) implement it and pass the one
+// conformance suite in store/storetest. The store knows nothing of gRPC or of the engine's loop.
+//
+// Ownership: a replica owns a transaction while it holds its lease. The lease is computed from
+// the database clock. Every write after a claim names the epoch it was claimed with; a write whose
+// epoch no longer matches changes nothing and reports the ownership as lost.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Errors callers check with errors.Is.
+var (
+	ErrNotFound = errors.New("transaction not found")
+)
+
+// Transaction is the row of one global transaction.
+type Transaction struct {
+	GID             string
+	Mode            string
+	Status          string
+	Spec            []byte // the request spec as submitted (protobuf)
+	SpecHash        []byte
+	WorkflowName    string
+	WorkflowVersion int
+	Reason          string
+	CreatedAt       time.Time
+	UpdatedAt       time.Time
+	Deadline        time.Time
+	NextAttemptAt   time.Time // zero when terminal
+	LeaseOwner      string
+	LeaseExpiresAt  time.Time
+	Epoch           int64
+}
+
+// Branch is the durable state of one op of one branch.
+type Branch struct {
+	Branch        string
+	Op            string
+	Position      int // order of the branch in the spec
+	Status        string
+	Attempts      int
+	LastError     string
+	NextAttemptAt time.Time
+	UpdatedAt     time.Time
+}
+
+// Event is one entry of a transaction's history.
+type Event struct {
+	ID     int64
+	At     time.Time
+	Kind   string
+	Branch string
+	Op     string
+	Detail string
+}
+
+// CreateParams describes a new transaction, leased to Owner from the moment it exists.
+type CreateParams struct {
+	GID             string
+	Mode            string
+	Status          string
+	Spec            []byte
+	SpecHash        []byte
+	WorkflowName    string
+	WorkflowVersion int
+	Timeout         time.Duration // deadline = database now + Timeout
+	Owner           string
+	Lease           time.Duration
+	Branches        []Branch
+	Events          []Event
+}
+
+// CreateResult says whether the transaction was created or already existed.
+type CreateResult struct {
+	Created     bool
+	Transaction Transaction // the stored row (the existing one when Created is false)
+}
+
+// RecordParams is one fenced write to a transaction the caller owns.
+type RecordParams struct {
+	GID    string
+	Epoch  int64
+	Status string
+	Reason string
+	// Terminal ends ownership: the lease is cleared and nothing is due any more.
+	Terminal bool
+	// Lease extends the lease to database now + Lease (when not Terminal).
+	Lease time.Duration
+	// Branches are upserted (only those that changed need be given).
+	Branches []Branch
+	Events   []Event
+}
+
+// RecordResult is the outcome of one RecordParams.
+type RecordResult struct {
+	// Owned is false when the epoch no longer matched: ownership was lost and nothing was written.
+	Owned bool
+	// LeaseExpiresAt is the new lease expiry (database clock) when Owned and not Terminal.
+	LeaseExpiresAt time.Time
+}
+
+// ClaimParams asks for due transactions: live, not leased (or lease expired), next attempt due.
+type ClaimParams struct {
+	Owner string
+	Lease time.Duration
+	Limit int
+}
+
+// Claimed is a transaction the caller now owns, with its branches.
+type Claimed struct {
+	Transaction Transaction
+	Branches    []Branch
+}
+
+// LeaseRef names an owned transaction.
+type LeaseRef struct {
+	GID   string
+	Epoch int64
+}
+
+// RenewParams extends the leases of transactions the caller drives.
+type RenewParams struct {
+	Owner string
+	Lease time.Duration
+	Refs  []LeaseRef
+}
+
+// RenewResult lists which leases were extended.
+type RenewResult struct {
+	Renewed        map[string]bool
+	LeaseExpiresAt time.Time
+}
+
+// Release hands a transaction back so that any replica may pick it up at NextAttemptAt.
+type Release struct {
+	GID           string
+	Epoch         int64
+	NextAttemptAt time.Time // zero = now
+}
+
+// Store is the coordinator's durable state.
+type Store interface {
+	// CreateTransaction inserts a transaction with its branches and events in one commit, or
+	// returns the existing one (Created=false) when the gid is taken; nothing is written then.
+	CreateTransaction(ctx context.Context, p CreateParams) (CreateResult, error)
+	// Record applies fenced writes, all in one commit.
+	Record(ctx context.Context, ps []RecordParams) ([]RecordResult, error)
+	// GetTransaction returns a transaction and its branches (ordered by position, op), or
+	// ErrNotFound.
+	GetTransaction(ctx context.Context, gid string) (Transaction, []Branch, error)
+	// ListEvents returns a transaction's history in order.
+	ListEvents(ctx context.Context, gid string) ([]Event, error)
+	// ClaimDue claims up to Limit due transactions for Owner, incrementing their epochs.
+	ClaimDue(ctx context.Context, p ClaimParams) ([]Claimed, error)
+	// RenewLeases extends leases still held by Owner at the given epochs.
+	RenewLeases(ctx context.Context, p RenewParams) (RenewResult, error)
+	// ReleaseLeases hands transactions back (graceful shutdown).
+	ReleaseLeases(ctx context.Context, owner string, rs []Release) error
+	// Now returns the database clock.
+	Now(ctx context.Context) (time.Time, error)
+	// Ping checks that the database answers and the schema is current.
+	Ping(ctx context.Context) error
+	Close()
+}
