@@ -414,6 +414,21 @@ func Advance(spec Spec, s State, now time.Time) (State, []Call, []Event, time.Ti
 				stuck = true
 			}
 		}
+		// Skip the compensations that are not needed before deciding which are ready: a step's
+		// readiness looks at its dependents, which may come later in the list, and a skip
+		// discovered after the check would leave the step waiting for an Advance that nothing
+		// triggers (no call in flight, no wake).
+		for i := range s.Steps {
+			st := &s.Steps[i]
+			c := &st.Compensate
+			if c.Status == StatusSucceeded || c.Status == StatusSkipped || st.Action.InFlight || c.InFlight {
+				continue
+			}
+			if !NeedsCompensation(*st) {
+				c.Status = StatusSkipped
+				events = append(events, Event{Kind: "branch_skipped", Step: spec.Steps[i].Name, Op: OpCompensate, Detail: "action never ran"})
+			}
+		}
 		settled := 0
 		for i := range s.Steps {
 			st := &s.Steps[i]
@@ -423,12 +438,6 @@ func Advance(spec Spec, s State, now time.Time) (State, []Call, []Event, time.Ti
 				continue
 			}
 			if st.Action.InFlight || c.InFlight {
-				continue
-			}
-			if !NeedsCompensation(*st) {
-				c.Status = StatusSkipped
-				settled++
-				events = append(events, Event{Kind: "branch_skipped", Step: spec.Steps[i].Name, Op: OpCompensate, Detail: "action never ran"})
 				continue
 			}
 			if stuck {
