@@ -111,6 +111,8 @@ type Branch struct {
 	InFlight bool
 	// Uncertain is true when an earlier call of this branch may have taken effect without its
 	// outcome being known: a transient failure, or a dispatch lost in a crash (see Recover).
+	// It must be persisted with the branch: Status and Attempts alone cannot tell a single
+	// transient attempt that exhausted MaxAttempts 1 from a clean ABORTED.
 	Uncertain bool
 }
 
@@ -288,14 +290,16 @@ func (s State) Clone() State {
 // Recover prepares a state loaded from storage after its previous driver died. Calls that were
 // in flight then are unknown now: a forward step that was ready to run may have been called
 // without that being recorded, so it is marked uncertain and will be compensated if the saga turns
-// back. In-memory flags are cleared.
+// back. InFlight flags are cleared; Uncertain flags are kept.
 func Recover(spec Spec, s State) State {
 	s = s.Clone()
 	deps := Deps(spec)
 	for i := range s.Steps {
 		st := &s.Steps[i]
+		// Only InFlight is lost with the process. Uncertain is a fact about the past (a call
+		// may have taken effect) that a crash does not undo: clearing it made a step whose one
+		// attempt failed transiently look like a clean ABORTED, and skipped its compensation.
 		st.Action.InFlight, st.Compensate.InFlight = false, false
-		st.Action.Uncertain, st.Compensate.Uncertain = false, false
 		if st.Action.Status == StatusUnknown {
 			st.Action.Uncertain = true
 		}
