@@ -218,7 +218,7 @@ func findCycle(steps []Step, idx map[string]int) string {
 					}
 					cyc = " -> " + cyc
 				}
-				return d + " -> " + cyc
+				return cyc + " -> " + d // close the loop where it started
 			case white:
 				if c := visit(j); c != "" {
 					return c
