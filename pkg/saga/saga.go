@@ -493,7 +493,9 @@ func (s *State) turnBack(reason string) []Event {
 // Apply records a call's result. It never dispatches: call Advance afterwards.
 func Apply(spec Spec, s State, r Result) (State, []Event) {
 	s = s.Clone()
-	if r.Step < 0 || r.Step >= len(s.Steps) {
+	if r.Step < 0 || r.Step >= len(s.Steps) || (r.Op != OpAction && r.Op != OpCompensate) {
+		// Not a call this saga made. An unknown op must not fall through to the action branch:
+		// that cleared its InFlight flag and recorded nothing.
 		return s, nil
 	}
 	name := spec.Steps[r.Step].Name
