@@ -338,6 +338,10 @@ func NeedsCompensation(st StepState) bool {
 func Backoff(initial, max time.Duration, attempts int, jitter float64) time.Duration {
 	d := initial
 	for i := 1; i < attempts && d < max; i++ {
+		if d > max/2 {
+			d = max // doubling would pass max, and could overflow when max is near MaxInt64
+			break
+		}
 		d *= 2
 	}
 	if d > max {
