@@ -260,20 +260,25 @@ func (i *Invoker) Call(ctx context.Context, req Request) (res Result) {
 		return failure(codes.Unavailable, fmt.Errorf("%w: the breaker for target %s is %s, failing fast",
 			ErrBreakerOpen, ep.key, ep.breaker.State()))
 	}
+	// Every Allow must be answered, or a half-open breaker would wait forever for its trial
+	// call; the verdict stays "excluded" on any path that says nothing about the participant.
+	verdict := errExcluded
+	defer func() { done(verdict) }()
+
 	select {
 	case ep.slots <- struct{}{}:
 	default:
 		select {
 		case ep.slots <- struct{}{}:
 		case <-callCtx.Done():
-			// Our own queue, not the participant, ran out of time: leave the breaker's counts
-			// alone (slow participants trip it through the calls that did run).
-			done(errExcluded)
+			// Our own queue, not the participant, ran out of time: slow participants trip the
+			// breaker through the calls that did run.
 			return failure(codes.ResourceExhausted, fmt.Errorf(
 				"%w: target %s: all %d concurrent call slots stayed busy until the deadline (resource exhausted): %w",
 				ErrNoSlot, ep.key, i.maxConcurrent, context.Cause(callCtx)))
 		}
 	}
+	defer func() { <-ep.slots }()
 
 	callCtx = metadata.AppendToOutgoingContext(callCtx,
 		MetadataGID, req.Metadata.GID,
@@ -283,27 +288,23 @@ func (i *Invoker) Call(ctx context.Context, req Request) (res Result) {
 	)
 	var resp []byte
 	err = ep.conn.Invoke(callCtx, rt.method, req.Payload, &resp, grpc.ForceCodecV2(RawCodec{}))
-	<-ep.slots
-
 	if err == nil {
-		done(nil)
+		verdict = nil
 		return Result{Outcome: OK, Code: codes.OK, Response: resp}
 	}
 	st := status.Convert(err)
 	switch {
 	case st.Code() == codes.Aborted:
 		// A business "no" is a healthy answer: it must not trip the breaker.
-		done(nil)
+		verdict = nil
 		return Result{Outcome: Aborted, Code: codes.Aborted, Err: err}
 	case i.isClosed():
-		done(errExcluded)
 		err = &localError{code: st.Code(), err: fmt.Errorf("%w: call to %s%s interrupted: %w",
 			ErrClosed, ep.key, rt.method, err)}
 	case st.Code() == codes.Canceled && ctx.Err() != nil:
 		// The caller gave up; that says nothing about the participant's health.
-		done(errExcluded)
 	default:
-		done(errTransient)
+		verdict = errTransient
 	}
 	return Result{Outcome: Transient, Code: st.Code(), Err: err}
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -346,6 +347,71 @@ func TestBreaker(t *testing.T) {
 	require.Equal(t, invoke.OK, res.Outcome, "err: %v", res.Err)
 	require.Equal(t, []byte("ok"), res.Response)
 	require.Equal(t, "closed", inv.BreakerStates()[endpoint])
+}
+
+func TestBreakerHalfOpenAdmitsOneTrial(t *testing.T) {
+	t.Parallel()
+	var failing atomic.Bool
+	failing.Store(true)
+	entered := make(chan struct{}, 1)
+	release := make(chan struct{})
+	p := startParticipant(t, func(ctx context.Context, _ string, _ []byte) ([]byte, error) {
+		if failing.Load() {
+			return nil, status.Error(codes.Internal, "boom")
+		}
+		entered <- struct{}{}
+		select {
+		case <-release:
+			return []byte("ok"), nil
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+	})
+	logs := &syncBuffer{}
+	inv := newInvoker(t, invoke.Config{
+		Logger:  slog.New(slog.NewTextHandler(logs, nil)),
+		Breaker: invoke.BreakerConfig{FailureThreshold: 1, OpenTimeout: time.Second},
+	})
+	target := p.target("/p.S/M")
+
+	res := inv.Call(t.Context(), invoke.Request{Target: target})
+	require.Equal(t, codes.Internal, res.Code)
+	require.Equal(t, "open", inv.BreakerStates()[p.addr])
+	failing.Store(false)
+	require.Eventually(t, func() bool { return inv.BreakerStates()[p.addr] == "half-open" }, 5*time.Second, 5*time.Millisecond, "breaker half-opens")
+
+	trial := make(chan invoke.Result, 1)
+	go func() { trial <- inv.Call(t.Context(), invoke.Request{Target: target, Timeout: 20 * time.Second}) }()
+	<-entered
+
+	// The one trial call is in flight: another fails fast instead of piling onto a sick target.
+	res = inv.Call(t.Context(), invoke.Request{Target: target})
+	require.ErrorIs(t, res.Err, invoke.ErrBreakerOpen)
+	require.Contains(t, res.Err.Error(), "is half-open, failing fast")
+
+	close(release)
+	require.Equal(t, invoke.OK, (<-trial).Outcome)
+	require.Equal(t, "closed", inv.BreakerStates()[p.addr])
+	require.Contains(t, logs.String(), `level=WARN msg="invoke: circuit breaker state changed" endpoint=`+p.addr+" from=closed to=open")
+	require.Contains(t, logs.String(), "from=half-open to=closed")
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger writing while the test reads.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func TestBreakerIgnoresAborted(t *testing.T) {
