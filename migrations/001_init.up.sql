@@ -35,6 +35,9 @@ CREATE TABLE treaty_branches (
     attempts        integer     NOT NULL DEFAULT 0,
     last_error      text        NOT NULL DEFAULT '',
     next_attempt_at timestamptz,
+    -- An earlier call may have taken effect without its outcome being known: compensate it
+    -- even if a later attempt was refused.
+    uncertain       boolean     NOT NULL DEFAULT false,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (gid, branch, op)
 );

@@ -46,7 +46,7 @@ func TestCrashRecovery(t *testing.T) {
 	steps := []string{"s0", "s1", "s2"}
 	cases := []struct {
 		crashAt  string
-		abortAt  string         // step whose action the participant refuses ("" = none)
+		abortAt  string // step whose action the participant refuses ("" = none)
 		want     treatyv1.Status
 		repeated string         // the call allowed (and expected) to happen twice
 		calls    map[string]int // exact call counts after recovery

@@ -110,4 +110,3 @@ func TestTwoReplicasShareWork(t *testing.T) {
 		return strings.Contains(l, "lost ownership") || strings.Contains(l, "could not renew lease") || strings.Contains(l, "driver cancelled")
 	}, 10*time.Second, 50*time.Millisecond, "the stale replica never noticed it lost its leases")
 }
-

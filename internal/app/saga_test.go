@@ -176,7 +176,7 @@ func TestSagaRetriesExhaustedCompensates(t *testing.T) {
 	require.Equal(t, []string{"action:ok", "action:broken", "action:broken", "action:broken", "action:broken",
 		"compensate:broken", "compensate:ok"}, ops(b.part, "exhaust-1"))
 	require.EqualValues(t, 4, branch(tx, "broken", "action").Attempts)
-	require.Equal(t, "disk on fire", status.Convert(fmt.Errorf("%s", branch(tx, "broken", "action").LastError)).Message()[len(branch(tx, "broken", "action").LastError)-len("disk on fire"):])
+	require.Contains(t, branch(tx, "broken", "action").LastError, "disk on fire")
 }
 
 func TestSagaCompensationRetriedUntilItSucceeds(t *testing.T) {

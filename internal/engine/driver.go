@@ -185,6 +185,7 @@ func (d *driver) apply(r callResult) []saga.Event {
 	}
 	if r.res.Err != nil {
 		out.Err = r.res.Err.Error()
+		out.NotSent = errors.Is(r.res.Err, invoke.ErrBreakerOpen) || errors.Is(r.res.Err, invoke.ErrNoSlot)
 	}
 	var events []saga.Event
 	d.state, events = saga.Apply(d.spec, d.state, out)
@@ -262,10 +263,12 @@ func (d *driver) persist(events []saga.Event) bool {
 	for i := range d.state.Steps {
 		for _, op := range []saga.Op{saga.OpAction, saga.OpCompensate} {
 			now, before := branchOf(d.state, i, op), branchOf(d.persisted, i, op)
-			if now.Status != before.Status || now.Attempts != before.Attempts || now.LastError != before.LastError || !now.NextAt.Equal(before.NextAt) {
+			if now.Status != before.Status || now.Attempts != before.Attempts || now.LastError != before.LastError ||
+				!now.NextAt.Equal(before.NextAt) || now.Uncertain != before.Uncertain {
 				p.Branches = append(p.Branches, store.Branch{
 					Branch: d.plan.steps[i].name, Op: string(op), Position: i,
 					Status: string(now.Status), Attempts: now.Attempts, LastError: now.LastError, NextAttemptAt: now.NextAt,
+					Uncertain: now.Uncertain,
 				})
 			}
 		}

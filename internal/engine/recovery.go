@@ -105,7 +105,7 @@ func stateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) sag
 		if !ok {
 			continue
 		}
-		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt}
+		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt, Uncertain: r.Uncertain}
 		if r.Op == string(saga.OpCompensate) {
 			s.Steps[i].Compensate = b
 		} else {

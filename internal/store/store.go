@@ -46,7 +46,9 @@ type Branch struct {
 	Attempts      int
 	LastError     string
 	NextAttemptAt time.Time
-	UpdatedAt     time.Time
+	// Uncertain: an earlier call may have taken effect without its outcome being known.
+	Uncertain bool
+	UpdatedAt time.Time
 }
 
 // Event is one entry of a transaction's history.

@@ -152,6 +152,10 @@ type Result struct {
 	Err     string    // the participant's error message, if any
 	At      time.Time // when the outcome was observed
 	Jitter  float64   // uniform random in [0,1), supplied by the engine
+	// NotSent says the call never left the coordinator (the target's circuit breaker was open,
+	// or no concurrency slot was free): it is not an attempt, it cannot have taken effect, and
+	// it is tried again after a backoff without counting toward any limit.
+	NotSent bool
 }
 
 // Validate checks a spec's structure: unique names, known and acyclic dependencies, policies.
@@ -510,6 +514,14 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 		return s, nil
 	}
 	b.InFlight = false
+	if r.NotSent {
+		b.Attempts--
+		if b.Attempts == 0 && !b.Uncertain {
+			b.Status = StatusPending
+		}
+		b.NextAt = r.At.Add(Backoff(step.InitialBackoff, step.MaxBackoff, b.Attempts+1, r.Jitter))
+		return s, nil
+	}
 	var events []Event
 	ev := func(kind, detail string) {
 		events = append(events, Event{Kind: kind, Step: name, Op: r.Op, Detail: detail})

@@ -130,13 +130,13 @@ WITH t AS (
     WHERE gid = $1 AND epoch = $2
     RETURNING gid, lease_expires_at
 ), b AS (
-    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, updated_at)
-    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, now()
-    FROM t, unnest($7::text[], $8::text[], $9::int[], $10::text[], $11::int[], $12::text[], $13::timestamptz[])
-        AS x(branch, op, position, status, attempts, last_error, next_at)
+    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, updated_at)
+    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, x.uncertain, now()
+    FROM t, unnest($7::text[], $8::text[], $9::int[], $10::text[], $11::int[], $12::text[], $13::timestamptz[], $18::bool[])
+        AS x(branch, op, position, status, attempts, last_error, next_at, uncertain)
     ON CONFLICT (gid, branch, op) DO UPDATE SET
         status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error,
-        next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at
+        next_attempt_at = excluded.next_attempt_at, uncertain = excluded.uncertain, updated_at = excluded.updated_at
 ), e AS (
     INSERT INTO treaty_events (gid, kind, branch, op, detail)
     SELECT t.gid, x.kind, x.branch, x.op, x.detail
@@ -156,7 +156,9 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 		ba := make([]int32, len(p.Branches))
 		be := make([]string, len(p.Branches))
 		bt := make([]*time.Time, len(p.Branches))
+		bu := make([]bool, len(p.Branches))
 		for i, b := range p.Branches {
+			bu[i] = b.Uncertain
 			ba[i] = int32(b.Attempts)
 			be[i] = b.LastError
 			if !b.NextAttemptAt.IsZero() {
@@ -166,7 +168,7 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 		}
 		ek, eb, eo, ed := eventArrays(p.Events)
 		batch.Queue(recordSQL, p.GID, p.Epoch, p.Status, p.Reason, p.Terminal, p.Lease,
-			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed)
+			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu)
 	}
 	br := s.pool.SendBatch(ctx, batch)
 	out := make([]store.RecordResult, len(ps))
@@ -205,7 +207,7 @@ func scanTx(row pgx.Row) (store.Transaction, error) {
 	return t, err
 }
 
-const branchesSQL = `SELECT gid, branch, op, position, status, attempts, last_error, next_attempt_at, updated_at
+const branchesSQL = `SELECT gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, updated_at
     FROM treaty_branches WHERE gid = ANY($1) ORDER BY gid, position, op`
 
 func (s *Store) branches(ctx context.Context, gids []string) (map[string][]store.Branch, error) {
@@ -219,7 +221,7 @@ func (s *Store) branches(ctx context.Context, gids []string) (map[string][]store
 		var gid string
 		var b store.Branch
 		var next *time.Time
-		if err := rows.Scan(&gid, &b.Branch, &b.Op, &b.Position, &b.Status, &b.Attempts, &b.LastError, &next, &b.UpdatedAt); err != nil {
+		if err := rows.Scan(&gid, &b.Branch, &b.Op, &b.Position, &b.Status, &b.Attempts, &b.LastError, &next, &b.Uncertain, &b.UpdatedAt); err != nil {
 			return nil, fmt.Errorf("read branches: %w", err)
 		}
 		if next != nil {
