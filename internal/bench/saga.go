@@ -1,0 +1,458 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime"
+	"runtime/pprof"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/testparticipant"
+)
+
+// SagaConfig configures RunSaga. Zero values mean the defaults of `treaty-bench saga`.
+type SagaConfig struct {
+	// DB is a postgres:// URL (required). With an in-process coordinator it only names the
+	// server: the run creates database treaty_bench_<random> there and drops it afterwards. With
+	// Coordinator set it must name the database that coordinator uses: its commit counter is read
+	// (nothing is written there), and the commit ceiling runs in a throwaway database beside it.
+	DB string
+	// Coordinator is the gRPC address of a running coordinator; empty starts one in process.
+	Coordinator string
+	// Steps per saga, run one after another; default 3.
+	Steps int
+	// Concurrency is the number of clients, each submitting a saga and waiting for its outcome
+	// in one call, then the next; default 32. The commit ceiling uses as many connections.
+	Concurrency int
+	// Duration of the measured phase; default 20s.
+	Duration time.Duration
+	// Warmup runs sagas before measuring, uncounted; default 2s. Negative means none.
+	Warmup time.Duration
+	// Baseline is how long the commit ceiling is measured; default 5s.
+	Baseline time.Duration
+	// Participants is the number of no-op participant servers; step i calls server i mod N.
+	// Default: one per step, as if each step were another service.
+	Participants int
+	// DBMaxConns sizes the in-process coordinator's pool; 0 = the coordinator's default.
+	DBMaxConns int
+	// CPUProfile, if set, receives a CPU profile of the measured phase (the whole process:
+	// clients, participants and, when in process, the coordinator).
+	CPUProfile string
+	// Keep leaves the throwaway database in place.
+	Keep bool
+	// Logger receives progress; nil = discard. The coordinator's own log is discarded unless
+	// CoordinatorLogger is set.
+	Logger            *slog.Logger
+	CoordinatorLogger *slog.Logger
+}
+
+func (c *SagaConfig) setDefaults() error {
+	if c.DB == "" {
+		return errors.New("--db (or TREATY_DB) is required: a postgres:// URL of a server where the bench may create a database")
+	}
+	if c.Steps == 0 {
+		c.Steps = 3
+	}
+	if c.Concurrency == 0 {
+		c.Concurrency = 32
+	}
+	if c.Duration == 0 {
+		c.Duration = 20 * time.Second
+	}
+	if c.Warmup == 0 {
+		c.Warmup = 2 * time.Second
+	}
+	if c.Baseline == 0 {
+		c.Baseline = 5 * time.Second
+	}
+	if c.Participants == 0 {
+		c.Participants = c.Steps
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	switch {
+	case c.Steps < 1 || c.Steps > 64:
+		return fmt.Errorf("--steps is %d, must be within 1..64 (the coordinator's default step limit)", c.Steps)
+	case c.Concurrency < 1 || c.Concurrency > 1024:
+		return fmt.Errorf("--concurrency is %d, must be within 1..1024", c.Concurrency)
+	case c.Duration < 0:
+		return fmt.Errorf("--duration is %s, must be positive", c.Duration)
+	case c.Baseline < 0:
+		return fmt.Errorf("--baseline is %s, must be positive", c.Baseline)
+	case c.Participants < 1 || c.Participants > c.Steps:
+		return fmt.Errorf("--participants is %d, must be within 1..%d (--steps)", c.Participants, c.Steps)
+	case c.Coordinator != "" && DatabaseName(c.DB) == "":
+		return errors.New("--db must name the coordinator's database when --coordinator is set")
+	}
+	return nil
+}
+
+// SagaResult is what `treaty-bench saga` prints as its last line.
+type SagaResult struct {
+	Bench       string  `json:"bench"` // "saga"
+	Steps       int     `json:"steps"`
+	Concurrency int     `json:"concurrency"`
+	Seconds     float64 `json:"seconds"` // measured phase, first submit to last answer
+	Sagas       int64   `json:"sagas"`   // succeeded in the measured phase
+	Failed      int64   `json:"failed"`  // errors or non-SUCCEEDED outcomes in the measured phase
+
+	SagasPerSec float64 `json:"sagas_per_sec"`
+	// Latency of one SubmitSaga call with wait set: submission to the caller knowing the outcome.
+	MeanMs float64 `json:"mean_ms"`
+	P50Ms  float64 `json:"p50_ms"`
+	P90Ms  float64 `json:"p90_ms"`
+	P99Ms  float64 `json:"p99_ms"`
+	MaxMs  float64 `json:"max_ms"`
+
+	// PgCommitsPerSec is the ceiling: one-row autocommit INSERTs per second at Concurrency.
+	PgCommitsPerSec float64 `json:"pg_commits_per_sec"`
+	// CommitsPerSaga is the xact_commit delta of the coordinator's database over the measured
+	// phase divided by the sagas in it. It counts every transaction, read-only ones included, and
+	// a group commit that carries several sagas' writes counts once.
+	CommitsPerSaga float64 `json:"commits_per_saga"`
+	XactCommits    int64   `json:"xact_commits"`
+	// Ratio = SagasPerSec * CommitsPerSaga / PgCommitsPerSec: the share of the server's commit
+	// ceiling the coordinator used. Well below 1 means the time went elsewhere (CPU, round trips).
+	Ratio float64 `json:"ratio"`
+
+	Participants int    `json:"participants"`
+	Coordinator  string `json:"coordinator"` // "in-process" or the address given
+	Database     string `json:"database"`    // the database the sagas were stored in
+	Kept         bool   `json:"kept"`        // the throwaway database was left in place
+	GoMaxProcs   int    `json:"gomaxprocs"`
+	NumCPU       int    `json:"num_cpu"`
+	GCCycles     uint32 `json:"gc_cycles"` // during the measured phase, this process
+	PgVersion    string `json:"pg_version"`
+}
+
+// RunSaga runs the saga benchmark: the commit ceiling first, then a coordinator (in process
+// unless cfg.Coordinator is set) driving no-op sagas at cfg.Concurrency for cfg.Duration after a
+// warm-up. It returns the result even when some sagas failed (then with an error too).
+func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
+	if err := cfg.setDefaults(); err != nil {
+		return SagaResult{}, err
+	}
+	log := cfg.Logger
+	res = SagaResult{
+		Bench: "saga", Steps: cfg.Steps, Concurrency: cfg.Concurrency, Participants: cfg.Participants,
+		Coordinator: "in-process", GoMaxProcs: runtime.GOMAXPROCS(0), NumCPU: runtime.NumCPU(),
+	}
+	cleanupCtx := context.WithoutCancel(ctx)
+
+	// A database of our own, so the bench never touches real data.
+	tmp, err := CreateTempDatabase(ctx, cfg.DB, "treaty_bench_")
+	if err != nil {
+		return SagaResult{}, err
+	}
+	log.Info("created database", "name", tmp.Name)
+	defer func() {
+		if cfg.Keep {
+			res.Kept = true
+			log.Info("kept database", "name", tmp.Name, "url", tmp.URL)
+			return
+		}
+		dctx, cancel := context.WithTimeout(cleanupCtx, 30*time.Second)
+		defer cancel()
+		err = errors.Join(err, tmp.Drop(dctx))
+	}()
+
+	sagaDB := tmp.URL
+	if cfg.Coordinator != "" {
+		sagaDB = cfg.DB
+		res.Coordinator = cfg.Coordinator
+	}
+	res.Database = DatabaseName(sagaDB)
+
+	// The ceiling, before any coordinator runs, at the same concurrency.
+	log.Info("measuring the commit ceiling", "concurrency", cfg.Concurrency, "duration", cfg.Baseline)
+	rate, err := MeasureCommitRate(ctx, tmp.URL, cfg.Concurrency, cfg.Baseline)
+	if err != nil {
+		return SagaResult{}, err
+	}
+	res.PgCommitsPerSec = Round3(rate.PerSec)
+	log.Info("commit ceiling", "commits", rate.Commits, "per_sec", int(rate.PerSec))
+
+	stats, err := pgxpool.New(ctx, sagaDB)
+	if err != nil {
+		return SagaResult{}, fmt.Errorf("connect to %s: %w", res.Database, err)
+	}
+	defer stats.Close()
+	if err := stats.QueryRow(ctx, "SHOW server_version").Scan(&res.PgVersion); err != nil {
+		return SagaResult{}, fmt.Errorf("read server version: %w", err)
+	}
+
+	parts := make([]*testparticipant.Participant, cfg.Participants)
+	defer func() {
+		for _, p := range parts {
+			if p != nil {
+				p.Stop()
+			}
+		}
+	}()
+	for i := range parts {
+		if parts[i], err = testparticipant.Start(testparticipant.Options{NoRecord: true}); err != nil {
+			return SagaResult{}, fmt.Errorf("start participant %d: %w", i, err)
+		}
+	}
+
+	addr := cfg.Coordinator
+	if addr == "" {
+		clog := cfg.CoordinatorLogger
+		if clog == nil {
+			clog = slog.New(slog.DiscardHandler)
+		}
+		a, err := app.Start(ctx, app.Config{DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: "127.0.0.1:0", Migrate: true, Logger: clog})
+		if err != nil {
+			return SagaResult{}, fmt.Errorf("start coordinator: %w", err)
+		}
+		defer func() {
+			sctx, cancel := context.WithTimeout(cleanupCtx, 30*time.Second)
+			defer cancel()
+			err = errors.Join(err, a.Stop(sctx))
+		}()
+		addr = a.Addr
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return SagaResult{}, fmt.Errorf("dial coordinator %s: %w", addr, err)
+	}
+	defer conn.Close()
+	client := treatyv1.NewCoordinatorClient(conn)
+	spec := sagaSpec(parts, cfg.Steps)
+
+	if cfg.Warmup > 0 {
+		log.Info("warming up", "duration", cfg.Warmup)
+		if _, err := runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Warmup); err != nil {
+			return SagaResult{}, fmt.Errorf("warm-up: %w", err)
+		}
+	}
+	before, err := XactCommits(ctx, stats, res.Database)
+	if err != nil {
+		return SagaResult{}, err
+	}
+
+	if cfg.CPUProfile != "" {
+		f, err := os.Create(cfg.CPUProfile)
+		if err != nil {
+			return SagaResult{}, fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return SagaResult{}, fmt.Errorf("--cpuprofile: %w", err)
+		}
+	}
+	var ms0, ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	log.Info("measuring", "duration", cfg.Duration, "steps", cfg.Steps, "concurrency", cfg.Concurrency)
+	run, runErr := runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Duration)
+	runtime.ReadMemStats(&ms1)
+	if cfg.CPUProfile != "" {
+		pprof.StopCPUProfile()
+	}
+	if runErr != nil && run.ok == 0 {
+		return SagaResult{}, runErr
+	}
+	after, err := XactCommits(ctx, stats, res.Database)
+	if err != nil {
+		return SagaResult{}, err
+	}
+
+	res.Seconds = Round3(run.elapsed.Seconds())
+	res.Sagas, res.Failed = run.ok, run.failed
+	res.GCCycles = ms1.NumGC - ms0.NumGC
+	res.XactCommits = after - before
+	if run.ok > 0 {
+		lat := Summarize(run.latencies)
+		res.SagasPerSec = Round3(float64(run.ok) / run.elapsed.Seconds())
+		res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs = Millis(lat.Mean), Millis(lat.P50), Millis(lat.P90), Millis(lat.P99), Millis(lat.Max)
+		// Failed sagas wrote too; divide by every saga submitted so the figure is not inflated.
+		res.CommitsPerSaga = Round3(float64(res.XactCommits) / float64(run.ok+run.failed))
+	}
+	if res.PgCommitsPerSec > 0 {
+		res.Ratio = Round3(res.SagasPerSec * res.CommitsPerSaga / res.PgCommitsPerSec)
+	}
+	if runErr != nil {
+		return res, runErr
+	}
+	return res, nil
+}
+
+// sagaSpec builds a saga of n sequential no-op steps spread over the participants.
+func sagaSpec(parts []*testparticipant.Participant, n int) *treatyv1.SagaSpec {
+	spec := &treatyv1.SagaSpec{}
+	for i := range n {
+		p := parts[i%len(parts)]
+		name := fmt.Sprintf("step%d", i+1)
+		spec.Steps = append(spec.Steps, &treatyv1.SagaStep{
+			Name:       name,
+			Action:     &treatyv1.Call{Target: p.Target("bench.Step/Do"), Payload: []byte("do " + name)},
+			Compensate: &treatyv1.Call{Target: p.Target("bench.Step/Undo"), Payload: []byte("undo " + name)},
+		})
+	}
+	return spec
+}
+
+type clientRun struct {
+	ok, failed int64
+	elapsed    time.Duration
+	latencies  []time.Duration
+	firstErr   error
+}
+
+// runSagaClients runs concurrency clients that each submit a saga with wait, then the next, until
+// d has passed; the sagas in flight then are finished and counted. elapsed runs from the start to
+// the last answer, so every counted saga lies inside it.
+func runSagaClients(ctx context.Context, client treatyv1.CoordinatorClient, spec *treatyv1.SagaSpec, concurrency int, d time.Duration) (clientRun, error) {
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		ok, fail atomic.Int64
+		lats     = make([][]time.Duration, concurrency)
+		firstErr error
+	)
+	start := time.Now()
+	stopAt := start.Add(d)
+	for w := range concurrency {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req := &treatyv1.SubmitSagaRequest{Saga: spec, Wait: durationpb.New(time.Minute)}
+			own := make([]time.Duration, 0, 1024)
+			for ctx.Err() == nil && time.Now().Before(stopAt) {
+				t0 := time.Now()
+				resp, err := client.SubmitSaga(ctx, req)
+				lat := time.Since(t0)
+				if err == nil && resp.GetTransaction().GetStatus() != treatyv1.Status_STATUS_SUCCEEDED {
+					err = fmt.Errorf("saga %s ended %s: %s", resp.GetTransaction().GetGid(),
+						resp.GetTransaction().GetStatus(), resp.GetTransaction().GetReason())
+				}
+				if err != nil {
+					if ctx.Err() != nil {
+						break // interrupted: not the coordinator's failure
+					}
+					fail.Add(1)
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					continue
+				}
+				ok.Add(1)
+				own = append(own, lat)
+			}
+			lats[w] = own
+		}()
+	}
+	wg.Wait()
+	run := clientRun{ok: ok.Load(), failed: fail.Load(), elapsed: time.Since(start), firstErr: firstErr}
+	for _, l := range lats {
+		run.latencies = append(run.latencies, l...)
+	}
+	if err := ctx.Err(); err != nil {
+		return run, fmt.Errorf("interrupted: %w", err)
+	}
+	if run.failed > 0 {
+		return run, fmt.Errorf("%d of %d sagas failed; first: %w", run.failed, run.failed+run.ok, firstErr)
+	}
+	return run, nil
+}
+
+const sagaUsage = `treaty-bench saga: throughput and latency of the saga coordinator against its PostgreSQL ceiling.
+
+Starts no-op gRPC participants and a coordinator in process (or uses --coordinator), measures the
+server's raw commit rate (one-row autocommit INSERTs at --concurrency connections), then runs
+--concurrency clients that each submit a --steps saga and wait for its outcome in one SubmitSaga
+call, over and over, for --duration after --warmup. Everything happens in a database created for
+the run (treaty_bench_<random>) and dropped afterwards unless --keep.
+
+The last line of the output is one JSON object: sagas_per_sec, p50_ms, p99_ms, pg_commits_per_sec,
+commits_per_saga (pg_stat_database.xact_commit delta / sagas; read-only transactions count too),
+ratio = sagas_per_sec * commits_per_saga / pg_commits_per_sec, and more.
+
+Example:
+  treaty-bench saga --steps 3 --concurrency 32 --duration 20s --db postgres://postgres@127.0.0.1:5432/postgres
+
+Flags:`
+
+// SagaMain is `treaty-bench saga`: it parses args (without the command name), runs the bench,
+// writes progress to stderr and the result to stdout (a summary, then the JSON line last), and
+// returns the exit code.
+func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+	var cfg SagaConfig
+	var verbose bool
+	fs := flag.NewFlagSet("saga", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, sagaUsage)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&cfg.DB, "db", getenv("TREATY_DB"), "PostgreSQL URL (or TREATY_DB); the role needs CREATEDB. With --coordinator: the URL of that coordinator's database")
+	fs.StringVar(&cfg.Coordinator, "coordinator", "", "gRPC address of a running coordinator (default: start one in process)")
+	fs.IntVar(&cfg.Steps, "steps", 3, "steps per saga, run one after another")
+	fs.IntVar(&cfg.Concurrency, "concurrency", 32, "clients submitting sagas at once (and connections for the commit ceiling)")
+	fs.DurationVar(&cfg.Duration, "duration", 20*time.Second, "measured phase")
+	fs.DurationVar(&cfg.Warmup, "warmup", 2*time.Second, "uncounted sagas before measuring (0 = none)")
+	fs.DurationVar(&cfg.Baseline, "baseline", 5*time.Second, "how long to measure the raw commit rate")
+	fs.IntVar(&cfg.Participants, "participants", 0, "no-op participant servers; step i calls server i mod N (default: one per step)")
+	fs.IntVar(&cfg.DBMaxConns, "db-max-conns", 0, "pool size of the in-process coordinator (default: the coordinator's, 16)")
+	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured phase to this file")
+	fs.BoolVar(&cfg.Keep, "keep", false, "keep the treaty_bench_* database instead of dropping it")
+	fs.BoolVar(&verbose, "v", false, "log the coordinator's warnings too")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "treaty-bench saga: unexpected argument %q (flags start with --)\n", fs.Arg(0))
+		return 2
+	}
+	if cfg.Warmup == 0 {
+		cfg.Warmup = -1 // the flag's 0 means none; the Config's zero means the default
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	if verbose {
+		cfg.CoordinatorLogger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	res, err := RunSaga(ctx, cfg)
+	if res.Bench == "" {
+		fmt.Fprintf(stderr, "treaty-bench saga: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "saga bench: %d-step sagas, concurrency %d, %d participant server(s), coordinator %s, PostgreSQL %s\n",
+		res.Steps, res.Concurrency, res.Participants, res.Coordinator, res.PgVersion)
+	fmt.Fprintf(stdout, "  %d sagas in %.1fs (%d failed): %.0f sagas/s; latency mean %.2fms p50 %.2fms p90 %.2fms p99 %.2fms max %.2fms\n",
+		res.Sagas, res.Seconds, res.Failed, res.SagasPerSec, res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs)
+	fmt.Fprintf(stdout, "  PostgreSQL ceiling %.0f commits/s; %.2f commits per saga (%d xact_commit); ratio %.3f\n",
+		res.PgCommitsPerSec, res.CommitsPerSaga, res.XactCommits, res.Ratio)
+	line, jerr := json.Marshal(res)
+	if jerr != nil {
+		fmt.Fprintf(stderr, "treaty-bench saga: %v\n", jerr)
+		return 1
+	}
+	fmt.Fprintln(stdout, strings.TrimSpace(string(line)))
+	if err != nil {
+		fmt.Fprintf(stderr, "treaty-bench saga: %v\n", err)
+		return 1
+	}
+	return 0
+}
