@@ -409,7 +409,11 @@ func (s *Store) Ping(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("database unreachable: %w", err)
 	}
-	if v != m.Latest() {
+	if v > m.Latest() {
+		// Migrating cannot help here: a newer binary moved the schema on, and this one is stale.
+		return fmt.Errorf("schema at version %d is newer than this binary knows (%d): upgrade the binary", v, m.Latest())
+	}
+	if v < m.Latest() {
 		return fmt.Errorf("schema at version %d, this binary needs %d: run `coordinator migrate`", v, m.Latest())
 	}
 	return nil
