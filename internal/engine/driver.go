@@ -9,19 +9,18 @@ import (
 
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
-	"github.com/treatyhq/treaty/pkg/saga"
 )
 
-// driver runs one saga while this replica owns it.
+// driver runs one transaction while this replica owns it: the only place that does I/O on its
+// behalf. The machine decides; the driver records each decision before acting on it.
 type driver struct {
 	e     *Engine
 	gid   string
+	mode  string
 	epoch int64
-	plan  *sagaPlan
-	spec  saga.Spec
-	state saga.State
-	// persisted is the branch state last written, to write only what changed.
-	persisted saga.State
+	m     machine
+	// persisted is the branch view last written, so that a write carries only what changed.
+	persisted []store.Branch
 
 	mu         sync.Mutex
 	leaseUntil time.Time // local (monotonic) instant before which the lease certainly holds
@@ -33,20 +32,19 @@ type driver struct {
 }
 
 type callResult struct {
-	call saga.Call
-	res  invoke.Result
-	at   time.Time
+	d   dispatch
+	res invoke.Result
+	at  time.Time
 }
 
 // newDriver builds a driver; it does not start it.
-func (e *Engine) newDriver(gid string, epoch int64, plan *sagaPlan, deadline time.Time, state saga.State, leaseUntil time.Time) *driver {
+func (e *Engine) newDriver(gid, mode string, epoch int64, m machine, leaseUntil time.Time) *driver {
+	bs := m.branches()
 	d := &driver{
-		e: e, gid: gid, epoch: epoch, plan: plan,
-		spec:       saga.Spec{Steps: plan.policy, Deadline: deadline, OperatorThreshold: e.cfg.OperatorThreshold},
-		state:      state,
-		persisted:  state.Clone(),
+		e: e, gid: gid, mode: mode, epoch: epoch, m: m,
+		persisted:  bs,
 		leaseUntil: leaseUntil,
-		results:    make(chan callResult, len(plan.steps)*2),
+		results:    make(chan callResult, len(bs)+1),
 	}
 	d.ctx, d.cancelCause = context.WithCancelCause(e.baseCtx)
 	d.cancel = func() { d.cancelCause(context.Canceled) }
@@ -90,14 +88,14 @@ func (d *driver) run() {
 	stopping := false
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	var pending []saga.Event // results applied but not yet recorded
-	hadResults := false
+	var pending []store.Event // results applied but not yet recorded
+	recorded := ""            // crash point to pass once the pending results are recorded
 	for {
-		var calls []saga.Call
+		var calls []dispatch
 		var wake time.Time
 		if !stopping {
-			var events []saga.Event
-			d.state, calls, events, wake = saga.Advance(d.spec, d.state, d.e.cfg.Now())
+			var events []store.Event
+			calls, events, wake = d.m.advance(d.e.cfg.Now())
 			pending = append(pending, events...)
 		}
 		// Results and decisions (turning back, finishing) are durable before anything depends
@@ -107,12 +105,12 @@ func (d *driver) run() {
 				return
 			}
 			pending = pending[:0]
-			if hadResults {
-				d.crashAfterRecord()
+			if recorded != "" {
+				d.e.cfg.CrashPoint(recorded)
 			}
 		}
-		hadResults = false
-		if d.state.Phase.Terminal() {
+		recorded = ""
+		if d.m.terminal() {
 			terminal = true
 			return
 		}
@@ -132,21 +130,31 @@ func (d *driver) run() {
 			timer.Reset(max(0, wake.Sub(d.e.cfg.Now())))
 			timerC = timer.C
 		}
+		apply := func(r callResult) {
+			inFlight--
+			if r.d.undo {
+				d.e.cfg.CrashPoint(CrashAfterCompCall)
+				recorded = CrashAfterCompRecord
+			} else {
+				d.e.cfg.CrashPoint(CrashAfterCall)
+				if recorded == "" {
+					recorded = CrashAfterRecord
+				}
+			}
+			pending = append(pending, d.m.apply(r.d, r.res, r.at, d.e.cfg.Rand())...)
+		}
 		select {
 		case r := <-d.results:
-			inFlight--
-			pending = append(pending, d.apply(r)...)
+			apply(r)
 		drain: // results that arrived together share one write
 			for inFlight > 0 {
 				select {
 				case r := <-d.results:
-					inFlight--
-					pending = append(pending, d.apply(r)...)
+					apply(r)
 				default:
 					break drain
 				}
 			}
-			hadResults = true
 		case <-timerC:
 		case <-stopCh:
 			stopping, stopCh = true, nil
@@ -158,57 +166,18 @@ func (d *driver) run() {
 	}
 }
 
-func (d *driver) crashAfterRecord() {
-	for _, st := range d.state.Steps {
-		if st.Compensate.Status == saga.StatusSucceeded {
-			d.e.cfg.CrashPoint(CrashAfterCompRecord)
-			return
-		}
-	}
-	d.e.cfg.CrashPoint(CrashAfterRecord)
-}
-
-func (d *driver) apply(r callResult) []saga.Event {
-	if r.call.Op == saga.OpCompensate {
-		d.e.cfg.CrashPoint(CrashAfterCompCall)
-	} else {
-		d.e.cfg.CrashPoint(CrashAfterCall)
-	}
-	out := saga.Result{Step: r.call.Step, Op: r.call.Op, At: r.at, Jitter: d.e.cfg.Rand()}
-	switch r.res.Outcome {
-	case invoke.OK:
-		out.Outcome = saga.OK
-	case invoke.Aborted:
-		out.Outcome = saga.Aborted
-	default:
-		out.Outcome = saga.Transient
-	}
-	if r.res.Err != nil {
-		out.Err = r.res.Err.Error()
-		out.NotSent = errors.Is(r.res.Err, invoke.ErrBreakerOpen) || errors.Is(r.res.Err, invoke.ErrNoSlot)
-	}
-	var events []saga.Event
-	d.state, events = saga.Apply(d.spec, d.state, out)
-	return events
-}
-
 // ensureLease makes sure the lease outlives every call about to be made; it renews synchronously
 // when it would not. False means ownership is lost: stop.
-func (d *driver) ensureLease(calls []saga.Call) bool {
+func (d *driver) ensureLease(calls []dispatch) bool {
 	need := time.Duration(0)
 	for _, c := range calls {
-		if t := d.plan.steps[c.Step].callTimeout; t > need {
-			need = t
-		}
+		need = max(need, c.timeout)
 	}
 	need += time.Second
 	if d.leaseRemaining() > need {
 		return true
 	}
-	lease := d.e.cfg.Lease
-	if need+d.e.cfg.Lease/2 > lease {
-		lease = need + d.e.cfg.Lease/2
-	}
+	lease := max(d.e.cfg.Lease, need+d.e.cfg.Lease/2)
 	sent := time.Now()
 	res, err := d.e.cfg.Store.RenewLeases(d.ctx, store.RenewParams{
 		Owner: d.e.cfg.Owner, Lease: lease, Refs: []store.LeaseRef{{GID: d.gid, Epoch: d.epoch}},
@@ -221,60 +190,41 @@ func (d *driver) ensureLease(calls []saga.Call) bool {
 	return true
 }
 
-func (d *driver) call(c saga.Call) {
-	st := d.plan.steps[c.Step]
-	target := st.action
-	if c.Op == saga.OpCompensate {
-		target = st.compensate
-	}
+func (d *driver) call(c dispatch) {
 	// The call never outlives the lease: once the lease could have passed to another replica,
 	// this replica must not be talking to the participant on the transaction's behalf.
-	timeout := st.callTimeout
-	if rem := d.leaseRemaining(); rem < timeout {
-		timeout = rem
-	}
+	timeout := min(c.timeout, d.leaseRemaining())
 	var res invoke.Result
 	if timeout <= 0 {
 		res = invoke.Result{Outcome: invoke.Transient, Err: errors.New("lease too short to call")}
 	} else {
 		res = d.e.cfg.Invoker.Call(d.ctx, invoke.Request{
-			Target:  target.target,
-			Payload: target.payload,
-			Timeout: timeout,
-			Metadata: invoke.Metadata{
-				GID: d.gid, Branch: st.name, Op: string(c.Op), Mode: "saga",
-			},
+			Target:   c.target.target,
+			Payload:  c.target.payload,
+			Timeout:  timeout,
+			Metadata: invoke.Metadata{GID: d.gid, Branch: c.branch, Op: c.op, Mode: d.mode},
 		})
 	}
-	d.results <- callResult{call: c, res: res, at: d.e.cfg.Now()}
+	d.results <- callResult{d: c, res: res, at: d.e.cfg.Now()}
 }
 
 // persist writes the branches that changed since the last write, the events and the status, fenced
 // by epoch. False means the write did not happen and the driver must stop (ownership lost, or the
 // database unreachable until the lease ran out).
-func (d *driver) persist(events []saga.Event) bool {
+func (d *driver) persist(events []store.Event) bool {
 	p := store.RecordParams{
 		GID: d.gid, Epoch: d.epoch,
-		Status:   string(d.state.Phase),
-		Reason:   d.state.Reason,
-		Terminal: d.state.Phase.Terminal(),
+		Status:   d.m.status(),
+		Reason:   d.m.reason(),
+		Terminal: d.m.terminal(),
 		Lease:    d.e.cfg.Lease,
+		Events:   events,
 	}
-	for i := range d.state.Steps {
-		for _, op := range []saga.Op{saga.OpAction, saga.OpCompensate} {
-			now, before := branchOf(d.state, i, op), branchOf(d.persisted, i, op)
-			if now.Status != before.Status || now.Attempts != before.Attempts || now.LastError != before.LastError ||
-				!now.NextAt.Equal(before.NextAt) || now.Uncertain != before.Uncertain {
-				p.Branches = append(p.Branches, store.Branch{
-					Branch: d.plan.steps[i].name, Op: string(op), Position: i,
-					Status: string(now.Status), Attempts: now.Attempts, LastError: now.LastError, NextAttemptAt: now.NextAt,
-					Uncertain: now.Uncertain,
-				})
-			}
+	now := d.m.branches()
+	for i, b := range now {
+		if i >= len(d.persisted) || !sameBranch(b, d.persisted[i]) {
+			p.Branches = append(p.Branches, b)
 		}
-	}
-	for _, ev := range events {
-		p.Events = append(p.Events, store.Event{Kind: ev.Kind, Branch: ev.Step, Op: string(ev.Op), Detail: ev.Detail})
 	}
 	backoff := 50 * time.Millisecond
 	for {
@@ -285,7 +235,7 @@ func (d *driver) persist(events []saga.Event) bool {
 				return false
 			}
 			d.extendLease(sent, d.e.cfg.Lease)
-			d.persisted = d.state.Clone()
+			d.persisted = now
 			return true
 		}
 		if d.ctx.Err() != nil {
@@ -307,29 +257,24 @@ func (d *driver) persist(events []saga.Event) bool {
 
 // release hands the transaction back at shutdown so another replica continues at once.
 func (d *driver) release() {
-	next := time.Time{}
-	for _, st := range d.state.Steps {
-		for _, b := range []saga.Branch{st.Action, st.Compensate} {
-			if !b.NextAt.IsZero() && (next.IsZero() || b.NextAt.Before(next)) {
-				next = b.NextAt
-			}
-		}
-	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 5*time.Second)
 	defer cancel()
-	if err := d.e.cfg.Store.ReleaseLeases(ctx, d.e.cfg.Owner, []store.Release{{GID: d.gid, Epoch: d.epoch, NextAttemptAt: next}}); err != nil {
+	rel := store.Release{GID: d.gid, Epoch: d.epoch, NextAttemptAt: nextAttempt(d.m.branches())}
+	if err := d.e.cfg.Store.ReleaseLeases(ctx, d.e.cfg.Owner, []store.Release{rel}); err != nil {
 		d.log().Warn("could not release lease at shutdown; it will expire", "err", err)
 	}
-}
-
-func branchOf(s saga.State, i int, op saga.Op) saga.Branch {
-	if op == saga.OpCompensate {
-		return s.Steps[i].Compensate
-	}
-	return s.Steps[i].Action
 }
 
 var errLeaseLost = errors.New("lease lost")
 
 // cancelLost stops a driver whose lease is gone, unless it already finished.
 func (d *driver) cancelLost() { d.cancelCause(errLeaseLost) }
+
+func errorsIsAny(err error, targets ...error) bool {
+	for _, t := range targets {
+		if errors.Is(err, t) {
+			return true
+		}
+	}
+	return false
+}

@@ -74,25 +74,27 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 // resume rebuilds a driver from stored rows.
 func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) {
 	t := c.Transaction
-	if t.Mode != "saga" {
+	var m machine
+	switch t.Mode {
+	case "saga":
+		var spec treatyv1.SagaSpec
+		if err := proto.Unmarshal(t.Spec, &spec); err != nil {
+			return nil, fmt.Errorf("decode stored spec: %w", err)
+		}
+		plan, err := planSaga(&spec, recoveryLimits)
+		if err != nil {
+			return nil, fmt.Errorf("stored spec no longer valid: %w", err)
+		}
+		sm := newSagaMachine(plan, t.Deadline, e.cfg.OperatorThreshold, sagaStateFromRows(plan, t, c.Branches))
+		sm.state = saga.Recover(sm.spec, sm.state)
+		m = sm
+	default:
 		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
 	}
-	var spec treatyv1.SagaSpec
-	if err := proto.Unmarshal(t.Spec, &spec); err != nil {
-		return nil, fmt.Errorf("decode stored spec: %w", err)
-	}
-	plan, err := planSaga(&spec, recoveryLimits)
-	if err != nil {
-		return nil, fmt.Errorf("stored spec no longer valid: %w", err)
-	}
-	state := stateFromRows(plan, t, c.Branches)
-	d := e.newDriver(t.GID, t.Epoch, plan, t.Deadline, state, leaseUntil)
-	d.state = saga.Recover(d.spec, d.state)
-	d.persisted = d.state.Clone()
-	return d, nil
+	return e.newDriver(t.GID, t.Mode, t.Epoch, m, leaseUntil), nil
 }
 
-func stateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) saga.State {
+func sagaStateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) saga.State {
 	s := saga.New(saga.Spec{Steps: plan.policy})
 	s.Phase = saga.Phase(t.Status)
 	s.Reason = t.Reason

@@ -67,7 +67,8 @@ func (e *Engine) SubmitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 		return SubmitResult{GID: gid, Existing: true}, nil
 	}
 	e.cfg.CrashPoint(CrashAfterCreate)
-	d := e.newDriver(gid, 1, plan, res.Transaction.Deadline, saga.New(saga.Spec{Steps: plan.policy}), sent.Add(e.cfg.Lease))
+	m := newSagaMachine(plan, res.Transaction.Deadline, e.cfg.OperatorThreshold, saga.New(saga.Spec{Steps: plan.policy}))
+	d := e.newDriver(gid, "saga", 1, m, sent.Add(e.cfg.Lease))
 	if !e.start(d) {
 		// Stopping: the lease expires (or recovery elsewhere claims it); nothing is lost.
 		_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: gid, Epoch: 1}})

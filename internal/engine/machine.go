@@ -1,0 +1,60 @@
+package engine
+
+import (
+	"time"
+
+	"github.com/treatyhq/treaty/internal/invoke"
+	"github.com/treatyhq/treaty/internal/store"
+)
+
+// machine adapts one mode's pure state machine (pkg/saga, pkg/tcc, pkg/twopc) to the driver.
+// The machine decides; the driver does the I/O and makes every decision durable before acting
+// on it. Implementations hold no locks: one driver goroutine owns a machine.
+type machine interface {
+	// advance makes the decisions due at now. It returns the calls to make now (already marked in
+	// flight), the events to record first, and when to look again (zero: only on a result).
+	advance(now time.Time) ([]dispatch, []store.Event, time.Time)
+	// apply feeds back a call's result and returns the events to record.
+	apply(d dispatch, res invoke.Result, at time.Time, jitter float64) []store.Event
+	status() string
+	reason() string
+	terminal() bool
+	// branches is the durable view of every branch, in a fixed order; the driver writes only
+	// those that changed since the last write.
+	branches() []store.Branch
+}
+
+// dispatch is one participant call a machine asked for.
+type dispatch struct {
+	key     int    // the machine's own reference to the branch and op
+	branch  string // branch name, sent as metadata
+	op      string // e.g. action, compensate, confirm, cancel, prepare, commit, rollback
+	undo    bool   // a compensation, cancellation or rollback (crash points tell them apart)
+	target  call
+	timeout time.Duration
+}
+
+// outcomeOf classifies a result, telling apart calls that never left this process.
+func outcomeOf(res invoke.Result) (outcome invoke.Outcome, notSent bool, msg string) {
+	if res.Err != nil {
+		msg = res.Err.Error()
+		notSent = errorsIsAny(res.Err, invoke.ErrBreakerOpen, invoke.ErrNoSlot)
+	}
+	return res.Outcome, notSent, msg
+}
+
+// nextAttempt is the earliest retry time among branches (zero: now), for handing work back.
+func nextAttempt(bs []store.Branch) time.Time {
+	var next time.Time
+	for _, b := range bs {
+		if !b.NextAttemptAt.IsZero() && (next.IsZero() || b.NextAttemptAt.Before(next)) {
+			next = b.NextAttemptAt
+		}
+	}
+	return next
+}
+
+func sameBranch(a, b store.Branch) bool {
+	return a.Status == b.Status && a.Attempts == b.Attempts && a.LastError == b.LastError &&
+		a.NextAttemptAt.Equal(b.NextAttemptAt) && a.Uncertain == b.Uncertain
+}
