@@ -78,9 +78,10 @@ WITH t AS (
     ON CONFLICT (gid) DO NOTHING
     RETURNING gid, created_at, updated_at, deadline, next_attempt_at, lease_expires_at
 ), b AS (
-    INSERT INTO treaty_branches (gid, branch, op, position, status)
-    SELECT t.gid, x.branch, x.op, x.position, x.status
-    FROM t, unnest($11::text[], $12::text[], $13::int[], $14::text[]) AS x(branch, op, position, status)
+    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain)
+    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, x.uncertain
+    FROM t, unnest($11::text[], $12::text[], $13::int[], $14::text[], $19::int[], $20::text[], $21::timestamptz[], $22::bool[])
+        AS x(branch, op, position, status, attempts, last_error, next_at, uncertain)
 ), e AS (
     INSERT INTO treaty_events (gid, kind, branch, op, detail)
     SELECT t.gid, x.kind, x.branch, x.op, x.detail
@@ -92,6 +93,7 @@ SELECT created_at, updated_at, deadline, next_attempt_at, lease_expires_at FROM 
 // CreateTransaction implements store.Store.
 func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (store.CreateResult, error) {
 	bn, bo, bp, bs := branchArrays(p.Branches)
+	ba, be, bt, bu := branchStateArrays(p.Branches)
 	ek, eb, eo, ed := eventArrays(p.Events)
 	t := store.Transaction{
 		GID: p.GID, Mode: p.Mode, Status: p.Status, Spec: p.Spec, SpecHash: p.SpecHash,
@@ -101,7 +103,7 @@ func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (st
 	err := s.pool.QueryRow(ctx, createSQL,
 		p.GID, p.Mode, p.Status, p.Spec, p.SpecHash, p.WorkflowName, p.WorkflowVersion,
 		p.Timeout, p.Owner, p.Lease,
-		bn, bo, bp, bs, ek, eb, eo, ed,
+		bn, bo, bp, bs, ek, eb, eo, ed, ba, be, bt, bu,
 	).Scan(&t.CreatedAt, &t.UpdatedAt, &t.Deadline, &t.NextAttemptAt, &t.LeaseExpiresAt)
 	if err == nil {
 		return store.CreateResult{Created: true, Transaction: t}, nil
@@ -153,19 +155,7 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 	batch := &pgx.Batch{}
 	for _, p := range ps {
 		bn, bo, bpos, bs := branchArrays(p.Branches)
-		ba := make([]int32, len(p.Branches))
-		be := make([]string, len(p.Branches))
-		bt := make([]*time.Time, len(p.Branches))
-		bu := make([]bool, len(p.Branches))
-		for i, b := range p.Branches {
-			bu[i] = b.Uncertain
-			ba[i] = int32(b.Attempts)
-			be[i] = b.LastError
-			if !b.NextAttemptAt.IsZero() {
-				t := b.NextAttemptAt
-				bt[i] = &t
-			}
-		}
+		ba, be, bt, bu := branchStateArrays(p.Branches)
 		ek, eb, eo, ed := eventArrays(p.Events)
 		batch.Queue(recordSQL, p.GID, p.Epoch, p.Status, p.Reason, p.Terminal, p.Lease,
 			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu)
@@ -424,6 +414,20 @@ func branchArrays(bs []store.Branch) (names, ops []string, pos []int32, status [
 	pos = make([]int32, len(bs))
 	for i, b := range bs {
 		names[i], ops[i], pos[i], status[i] = b.Branch, b.Op, int32(b.Position), b.Status
+	}
+	return
+}
+
+// branchStateArrays holds the retry state of branches; a zero NextAttemptAt is stored as NULL.
+func branchStateArrays(bs []store.Branch) (attempts []int32, lastErrors []string, next []*time.Time, uncertain []bool) {
+	attempts, lastErrors = make([]int32, len(bs)), make([]string, len(bs))
+	next, uncertain = make([]*time.Time, len(bs)), make([]bool, len(bs))
+	for i, b := range bs {
+		attempts[i], lastErrors[i], uncertain[i] = int32(b.Attempts), b.LastError, b.Uncertain
+		if !b.NextAttemptAt.IsZero() {
+			t := b.NextAttemptAt
+			next[i] = &t
+		}
 	}
 	return
 }
