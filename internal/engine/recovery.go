@@ -88,6 +88,12 @@ func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) 
 		sm := newSagaMachine(plan, t.Deadline, e.cfg.OperatorThreshold, sagaStateFromRows(plan, t, c.Branches))
 		sm.state = saga.Recover(sm.spec, sm.state)
 		m = sm
+	case "tcc":
+		tm, err := e.tccFromRows(t, c.Branches)
+		if err != nil {
+			return nil, err
+		}
+		m = tm
 	default:
 		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
 	}

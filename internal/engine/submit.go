@@ -13,6 +13,7 @@ import (
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/pkg/saga"
+	"github.com/treatyhq/treaty/pkg/tcc"
 )
 
 // SubmitResult is what SubmitSaga did.
@@ -24,13 +25,8 @@ type SubmitResult struct {
 // SubmitSaga validates and stores a saga, then drives it in this process at once. The
 // transaction is durable before the first participant call.
 func (e *Engine) SubmitSaga(ctx context.Context, gid string, spec *treatyv1.SagaSpec) (SubmitResult, error) {
-	if gid == "" {
-		id, err := uuid.NewV7()
-		if err != nil {
-			return SubmitResult{}, fmt.Errorf("generate gid: %w", err)
-		}
-		gid = id.String()
-	} else if err := ValidateGID(gid); err != nil {
+	gid, err := e.gidOrNew(gid)
+	if err != nil {
 		return SubmitResult{}, err
 	}
 	plan, err := planSaga(spec, e.cfg.Limits)
@@ -74,6 +70,14 @@ func (e *Engine) SubmitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 		_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: gid, Epoch: 1}})
 	}
 	return SubmitResult{GID: gid}, nil
+}
+
+func newGID() (string, error) {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return "", fmt.Errorf("generate gid: %w", err)
+	}
+	return id.String(), nil
 }
 
 // Get returns a transaction with its branches and events.
@@ -123,7 +127,14 @@ func terminal(s treatyv1.Status) bool {
 	return s == treatyv1.Status_STATUS_SUCCEEDED || s == treatyv1.Status_STATUS_COMPENSATED || s == treatyv1.Status_STATUS_NEEDS_OPERATOR
 }
 
+// statusToProto maps each mode's phases onto the API's common statuses; Transaction.phase keeps
+// the mode's own word.
 var statusToProto = map[string]treatyv1.Status{
+	string(tcc.PhaseTrying):         treatyv1.Status_STATUS_RUNNING,
+	string(tcc.PhaseConfirming):     treatyv1.Status_STATUS_COMMITTING,
+	string(tcc.PhaseCancelling):     treatyv1.Status_STATUS_COMPENSATING,
+	string(tcc.PhaseConfirmed):      treatyv1.Status_STATUS_SUCCEEDED,
+	string(tcc.PhaseCancelled):      treatyv1.Status_STATUS_COMPENSATED,
 	string(saga.PhaseRunning):       treatyv1.Status_STATUS_RUNNING,
 	string(saga.PhaseCompensating):  treatyv1.Status_STATUS_COMPENSATING,
 	string(saga.PhaseSucceeded):     treatyv1.Status_STATUS_SUCCEEDED,
@@ -141,6 +152,7 @@ var branchStatusToProto = map[string]treatyv1.BranchStatus{
 
 var modeToProto = map[string]treatyv1.Mode{
 	"saga": treatyv1.Mode_MODE_SAGA,
+	"tcc":  treatyv1.Mode_MODE_TCC,
 }
 
 func ts(t time.Time) *timestamppb.Timestamp {
@@ -154,7 +166,7 @@ func toProto(t store.Transaction, bs []store.Branch, evs []store.Event) *treatyv
 	out := &treatyv1.Transaction{
 		Gid: t.GID, Mode: modeToProto[t.Mode], Status: statusToProto[t.Status],
 		CreatedAt: ts(t.CreatedAt), UpdatedAt: ts(t.UpdatedAt), Deadline: ts(t.Deadline),
-		Reason: t.Reason,
+		Reason: t.Reason, Phase: t.Status,
 	}
 	for _, b := range bs {
 		out.Branches = append(out.Branches, &treatyv1.Branch{

@@ -83,6 +83,84 @@ func (c *Coordinator) WaitTransaction(ctx context.Context, req *treatyv1.WaitTra
 	return &treatyv1.WaitTransactionResponse{Transaction: tx, Terminal: terminal}, nil
 }
 
+func optionalDuration(field string, d interface{ AsDuration() time.Duration }, isNil bool, max time.Duration) (time.Duration, error) {
+	if isNil {
+		return 0, nil
+	}
+	v := d.AsDuration()
+	if v < 0 || v > max {
+		return 0, &engine.InvalidArgumentError{Field: field, Reason: "must be within 0.." + max.String()}
+	}
+	return v, nil
+}
+
+// BeginTCC implements treatyv1.CoordinatorServer.
+func (c *Coordinator) BeginTCC(ctx context.Context, req *treatyv1.BeginTCCRequest) (*treatyv1.BeginTCCResponse, error) {
+	var timeout time.Duration
+	if req.Timeout != nil {
+		timeout = req.Timeout.AsDuration()
+	}
+	res, err := c.Engine.BeginTCC(ctx, req.Gid, timeout)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	tx, err := c.Engine.Get(ctx, res.GID)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.BeginTCCResponse{Transaction: tx, Existing: res.Existing}, nil
+}
+
+// RegisterTCCBranch implements treatyv1.CoordinatorServer.
+func (c *Coordinator) RegisterTCCBranch(ctx context.Context, req *treatyv1.RegisterTCCBranchRequest) (*treatyv1.RegisterTCCBranchResponse, error) {
+	existing, err := c.Engine.RegisterTCCBranch(ctx, req.Gid, req.Branch)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.RegisterTCCBranchResponse{Existing: existing}, nil
+}
+
+// CommitTCC implements treatyv1.CoordinatorServer.
+func (c *Coordinator) CommitTCC(ctx context.Context, req *treatyv1.CommitTCCRequest) (*treatyv1.CommitTCCResponse, error) {
+	tx, err := c.decideTCC(ctx, req.Gid, true, "", req.Wait, req.Wait == nil)
+	if err != nil {
+		return nil, err
+	}
+	return &treatyv1.CommitTCCResponse{Transaction: tx}, nil
+}
+
+// RollbackTCC implements treatyv1.CoordinatorServer.
+func (c *Coordinator) RollbackTCC(ctx context.Context, req *treatyv1.RollbackTCCRequest) (*treatyv1.RollbackTCCResponse, error) {
+	tx, err := c.decideTCC(ctx, req.Gid, false, req.Reason, req.Wait, req.Wait == nil)
+	if err != nil {
+		return nil, err
+	}
+	return &treatyv1.RollbackTCCResponse{Transaction: tx}, nil
+}
+
+func (c *Coordinator) decideTCC(ctx context.Context, gid string, commit bool, reason string, w interface{ AsDuration() time.Duration }, noWait bool) (*treatyv1.Transaction, error) {
+	wait, err := optionalDuration("wait", w, noWait, MaxWaitTimeout)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if len(reason) > 1024 {
+		return nil, toStatus(&engine.InvalidArgumentError{Field: "reason", Reason: "is longer than 1024 bytes"})
+	}
+	if err := c.Engine.DecideTCC(ctx, gid, commit, reason); err != nil {
+		return nil, toStatus(err)
+	}
+	var tx *treatyv1.Transaction
+	if wait > 0 {
+		tx, _, err = c.Engine.Wait(ctx, gid, wait)
+	} else {
+		tx, err = c.Engine.Get(ctx, gid)
+	}
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return tx, nil
+}
+
 // toStatus maps domain errors to gRPC status codes: the one place that does.
 func toStatus(err error) error {
 	var inv *engine.InvalidArgumentError
@@ -97,6 +175,8 @@ func toStatus(err error) error {
 		return st.Err()
 	case errors.Is(err, engine.ErrAlreadyExists):
 		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, engine.ErrFailedPrecondition):
+		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, engine.ErrNotFound):
 		return status.Error(codes.NotFound, err.Error())
 	case errors.Is(err, engine.ErrStopping):

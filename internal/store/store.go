@@ -48,6 +48,9 @@ type Branch struct {
 	NextAttemptAt time.Time
 	// Uncertain: an earlier call may have taken effect without its outcome being known.
 	Uncertain bool
+	// Spec holds the branch's own endpoints and policy when it was registered separately (TCC);
+	// nil when the transaction's spec has them. Written once, at creation or registration.
+	Spec      []byte
 	UpdatedAt time.Time
 }
 
@@ -71,10 +74,12 @@ type CreateParams struct {
 	WorkflowName    string
 	WorkflowVersion int
 	Timeout         time.Duration // deadline = database now + Timeout
-	Owner           string
-	Lease           time.Duration
-	Branches        []Branch
-	Events          []Event
+	// Owner leases the new transaction to a replica that drives it at once. Empty: nobody
+	// drives it yet (a TCC transaction waiting for its initiator); it becomes due at its deadline.
+	Owner    string
+	Lease    time.Duration
+	Branches []Branch
+	Events   []Event
 }
 
 // CreateResult says whether the transaction was created or already existed.
@@ -145,11 +150,59 @@ type Release struct {
 	NextAttemptAt time.Time // zero = now
 }
 
+// RegisterParams adds branches to a transaction still open for registration.
+type RegisterParams struct {
+	GID string
+	// Statuses the transaction must be in; it must also be unleased and before its deadline.
+	Statuses []string
+	// Branches to add; their Position is relative (0 for the first new branch) and is offset
+	// by the branches already registered.
+	Branches []Branch
+	Events   []Event
+}
+
+// RegisterResult says whether the transaction was open and which branches already existed.
+type RegisterResult struct {
+	// Open is false when the transaction was not in Statuses, was leased, or past its deadline;
+	// nothing was written then, and Transaction tells why.
+	Open        bool
+	Transaction Transaction
+	// Existing holds the stored spec of each given branch (by name) that was registered before
+	// this call; those rows were left unchanged.
+	Existing map[string][]byte
+}
+
+// TransitionParams moves an unleased transaction to a new status and leases it to Owner.
+type TransitionParams struct {
+	GID    string
+	From   []string
+	To     string
+	Reason string
+	Owner  string
+	Lease  time.Duration
+	Events []Event
+}
+
+// TransitionResult is the outcome of a Transition.
+type TransitionResult struct {
+	// Done is true when the transaction moved; Claimed then holds it, owned by Owner.
+	Done    bool
+	Claimed Claimed
+	// Current is the stored row when Done is false (so the caller can say why).
+	Current Transaction
+}
+
 // Store is the coordinator's durable state.
 type Store interface {
 	// CreateTransaction inserts a transaction with its branches and events in one commit, or
 	// returns the existing one (Created=false) when the gid is taken; nothing is written then.
 	CreateTransaction(ctx context.Context, p CreateParams) (CreateResult, error)
+	// RegisterBranches adds branches to an open transaction in one commit, atomically with the
+	// check that it is still open (a concurrent Transition or claim waits or wins).
+	RegisterBranches(ctx context.Context, p RegisterParams) (RegisterResult, error)
+	// Transition moves an unleased transaction in one of From to To, leased to Owner at a new
+	// epoch, with its events, in one commit.
+	Transition(ctx context.Context, p TransitionParams) (TransitionResult, error)
 	// Record applies fenced writes, all in one commit.
 	Record(ctx context.Context, ps []RecordParams) ([]RecordResult, error)
 	// GetTransaction returns a transaction and its branches (ordered by position, op), or

@@ -86,9 +86,9 @@ type Status int32
 
 const (
 	Status_STATUS_UNSPECIFIED Status = 0
-	// Forward progress: actions are being run.
+	// Forward progress: actions are being run (saga), tries are being made (TCC).
 	Status_STATUS_RUNNING Status = 1
-	// Turning back: compensations are being run.
+	// Turning back: compensations (saga), cancellations (TCC) or rollbacks (2PC) are being run.
 	Status_STATUS_COMPENSATING Status = 2
 	// Terminal: every action took effect.
 	Status_STATUS_SUCCEEDED Status = 3
@@ -96,6 +96,8 @@ const (
 	Status_STATUS_COMPENSATED Status = 4
 	// Terminal until an operator acts: a compensation kept failing past the threshold.
 	Status_STATUS_NEEDS_OPERATOR Status = 5
+	// The decision to commit is durable; confirm (TCC) or commit (2PC) calls are under way.
+	Status_STATUS_COMMITTING Status = 6
 )
 
 // Enum value maps for Status.
@@ -107,6 +109,7 @@ var (
 		3: "STATUS_SUCCEEDED",
 		4: "STATUS_COMPENSATED",
 		5: "STATUS_NEEDS_OPERATOR",
+		6: "STATUS_COMMITTING",
 	}
 	Status_value = map[string]int32{
 		"STATUS_UNSPECIFIED":    0,
@@ -115,6 +118,7 @@ var (
 		"STATUS_SUCCEEDED":      3,
 		"STATUS_COMPENSATED":    4,
 		"STATUS_NEEDS_OPERATOR": 5,
+		"STATUS_COMMITTING":     6,
 	}
 )
 
@@ -583,6 +587,491 @@ func (x *SubmitSagaResponse) GetExisting() bool {
 	return false
 }
 
+// A TCC branch: the participant's confirm and cancel endpoints. Its try is called by the
+// initiator itself, after registration.
+type TCCBranch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unique within the transaction; [A-Za-z0-9._:-], at most 64 bytes.
+	Name    string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Confirm *Call  `protobuf:"bytes,2,opt,name=confirm,proto3" json:"confirm,omitempty"`
+	Cancel  *Call  `protobuf:"bytes,3,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	// Backoff of confirm and cancel retries (max_attempts does not apply: they never give up).
+	Retry         *RetryPolicy         `protobuf:"bytes,4,opt,name=retry,proto3" json:"retry,omitempty"`
+	CallTimeout   *durationpb.Duration `protobuf:"bytes,5,opt,name=call_timeout,json=callTimeout,proto3" json:"call_timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TCCBranch) Reset() {
+	*x = TCCBranch{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TCCBranch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TCCBranch) ProtoMessage() {}
+
+func (x *TCCBranch) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TCCBranch.ProtoReflect.Descriptor instead.
+func (*TCCBranch) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *TCCBranch) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TCCBranch) GetConfirm() *Call {
+	if x != nil {
+		return x.Confirm
+	}
+	return nil
+}
+
+func (x *TCCBranch) GetCancel() *Call {
+	if x != nil {
+		return x.Cancel
+	}
+	return nil
+}
+
+func (x *TCCBranch) GetRetry() *RetryPolicy {
+	if x != nil {
+		return x.Retry
+	}
+	return nil
+}
+
+func (x *TCCBranch) GetCallTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.CallTimeout
+	}
+	return nil
+}
+
+type BeginTCCRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Optional idempotency key; generated when empty.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// How long the initiator may take to decide (default 1m); then the coordinator cancels.
+	Timeout       *durationpb.Duration `protobuf:"bytes,2,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginTCCRequest) Reset() {
+	*x = BeginTCCRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginTCCRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginTCCRequest) ProtoMessage() {}
+
+func (x *BeginTCCRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginTCCRequest.ProtoReflect.Descriptor instead.
+func (*BeginTCCRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *BeginTCCRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *BeginTCCRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+type BeginTCCResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	Existing      bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginTCCResponse) Reset() {
+	*x = BeginTCCResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginTCCResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginTCCResponse) ProtoMessage() {}
+
+func (x *BeginTCCResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginTCCResponse.ProtoReflect.Descriptor instead.
+func (*BeginTCCResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *BeginTCCResponse) GetTransaction() *Transaction {
+	if x != nil {
+		return x.Transaction
+	}
+	return nil
+}
+
+func (x *BeginTCCResponse) GetExisting() bool {
+	if x != nil {
+		return x.Existing
+	}
+	return false
+}
+
+type RegisterTCCBranchRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	Branch        *TCCBranch             `protobuf:"bytes,2,opt,name=branch,proto3" json:"branch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterTCCBranchRequest) Reset() {
+	*x = RegisterTCCBranchRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterTCCBranchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterTCCBranchRequest) ProtoMessage() {}
+
+func (x *RegisterTCCBranchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterTCCBranchRequest.ProtoReflect.Descriptor instead.
+func (*RegisterTCCBranchRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *RegisterTCCBranchRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *RegisterTCCBranchRequest) GetBranch() *TCCBranch {
+	if x != nil {
+		return x.Branch
+	}
+	return nil
+}
+
+type RegisterTCCBranchResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when the branch was already registered with the same spec.
+	Existing      bool `protobuf:"varint,1,opt,name=existing,proto3" json:"existing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterTCCBranchResponse) Reset() {
+	*x = RegisterTCCBranchResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterTCCBranchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterTCCBranchResponse) ProtoMessage() {}
+
+func (x *RegisterTCCBranchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterTCCBranchResponse.ProtoReflect.Descriptor instead.
+func (*RegisterTCCBranchResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *RegisterTCCBranchResponse) GetExisting() bool {
+	if x != nil {
+		return x.Existing
+	}
+	return false
+}
+
+type CommitTCCRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Gid   string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// When set, return once every branch is confirmed (or the wait passes).
+	Wait          *durationpb.Duration `protobuf:"bytes,2,opt,name=wait,proto3" json:"wait,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitTCCRequest) Reset() {
+	*x = CommitTCCRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitTCCRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitTCCRequest) ProtoMessage() {}
+
+func (x *CommitTCCRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitTCCRequest.ProtoReflect.Descriptor instead.
+func (*CommitTCCRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *CommitTCCRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *CommitTCCRequest) GetWait() *durationpb.Duration {
+	if x != nil {
+		return x.Wait
+	}
+	return nil
+}
+
+type CommitTCCResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitTCCResponse) Reset() {
+	*x = CommitTCCResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitTCCResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitTCCResponse) ProtoMessage() {}
+
+func (x *CommitTCCResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitTCCResponse.ProtoReflect.Descriptor instead.
+func (*CommitTCCResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *CommitTCCResponse) GetTransaction() *Transaction {
+	if x != nil {
+		return x.Transaction
+	}
+	return nil
+}
+
+type RollbackTCCRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Gid   string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// Why the initiator rolls back, for the history.
+	Reason        string               `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Wait          *durationpb.Duration `protobuf:"bytes,3,opt,name=wait,proto3" json:"wait,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RollbackTCCRequest) Reset() {
+	*x = RollbackTCCRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RollbackTCCRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RollbackTCCRequest) ProtoMessage() {}
+
+func (x *RollbackTCCRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RollbackTCCRequest.ProtoReflect.Descriptor instead.
+func (*RollbackTCCRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *RollbackTCCRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *RollbackTCCRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *RollbackTCCRequest) GetWait() *durationpb.Duration {
+	if x != nil {
+		return x.Wait
+	}
+	return nil
+}
+
+type RollbackTCCResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RollbackTCCResponse) Reset() {
+	*x = RollbackTCCResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RollbackTCCResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RollbackTCCResponse) ProtoMessage() {}
+
+func (x *RollbackTCCResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RollbackTCCResponse.ProtoReflect.Descriptor instead.
+func (*RollbackTCCResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *RollbackTCCResponse) GetTransaction() *Transaction {
+	if x != nil {
+		return x.Transaction
+	}
+	return nil
+}
+
 type GetTransactionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
@@ -592,7 +1081,7 @@ type GetTransactionRequest struct {
 
 func (x *GetTransactionRequest) Reset() {
 	*x = GetTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[6]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +1093,7 @@ func (x *GetTransactionRequest) String() string {
 func (*GetTransactionRequest) ProtoMessage() {}
 
 func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[6]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +1106,7 @@ func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionRequest.ProtoReflect.Descriptor instead.
 func (*GetTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{6}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetTransactionRequest) GetGid() string {
@@ -636,7 +1125,7 @@ type GetTransactionResponse struct {
 
 func (x *GetTransactionResponse) Reset() {
 	*x = GetTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[7]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -648,7 +1137,7 @@ func (x *GetTransactionResponse) String() string {
 func (*GetTransactionResponse) ProtoMessage() {}
 
 func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[7]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -661,7 +1150,7 @@ func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionResponse.ProtoReflect.Descriptor instead.
 func (*GetTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{7}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetTransactionResponse) GetTransaction() *Transaction {
@@ -682,7 +1171,7 @@ type WaitTransactionRequest struct {
 
 func (x *WaitTransactionRequest) Reset() {
 	*x = WaitTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[8]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +1183,7 @@ func (x *WaitTransactionRequest) String() string {
 func (*WaitTransactionRequest) ProtoMessage() {}
 
 func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[8]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +1196,7 @@ func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionRequest.ProtoReflect.Descriptor instead.
 func (*WaitTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{8}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *WaitTransactionRequest) GetGid() string {
@@ -735,7 +1224,7 @@ type WaitTransactionResponse struct {
 
 func (x *WaitTransactionResponse) Reset() {
 	*x = WaitTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[9]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -747,7 +1236,7 @@ func (x *WaitTransactionResponse) String() string {
 func (*WaitTransactionResponse) ProtoMessage() {}
 
 func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[9]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -760,7 +1249,7 @@ func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionResponse.ProtoReflect.Descriptor instead.
 func (*WaitTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{9}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WaitTransactionResponse) GetTransaction() *Transaction {
@@ -780,7 +1269,7 @@ func (x *WaitTransactionResponse) GetTerminal() bool {
 type Branch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// "action" or "compensate".
+	// The endpoint: action/compensate (saga), confirm/cancel (TCC), prepare/commit/rollback (2PC).
 	Op            string                 `protobuf:"bytes,2,opt,name=op,proto3" json:"op,omitempty"`
 	Status        BranchStatus           `protobuf:"varint,3,opt,name=status,proto3,enum=treaty.v1.BranchStatus" json:"status,omitempty"`
 	Attempts      int32                  `protobuf:"varint,4,opt,name=attempts,proto3" json:"attempts,omitempty"`
@@ -792,7 +1281,7 @@ type Branch struct {
 
 func (x *Branch) Reset() {
 	*x = Branch{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[10]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -804,7 +1293,7 @@ func (x *Branch) String() string {
 func (*Branch) ProtoMessage() {}
 
 func (x *Branch) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[10]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -817,7 +1306,7 @@ func (x *Branch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Branch.ProtoReflect.Descriptor instead.
 func (*Branch) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{10}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Branch) GetName() string {
@@ -877,7 +1366,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[11]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -889,7 +1378,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[11]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -902,7 +1391,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{11}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Event) GetId() int64 {
@@ -958,14 +1447,16 @@ type Transaction struct {
 	Branches  []*Branch              `protobuf:"bytes,7,rep,name=branches,proto3" json:"branches,omitempty"`
 	Events    []*Event               `protobuf:"bytes,8,rep,name=events,proto3" json:"events,omitempty"`
 	// Why the transaction turned back or needs an operator, when it did.
-	Reason        string `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The mode's own name for the status (e.g. trying, confirming, cancelled for TCC).
+	Phase         string `protobuf:"bytes,10,opt,name=phase,proto3" json:"phase,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Transaction) Reset() {
 	*x = Transaction{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[12]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -977,7 +1468,7 @@ func (x *Transaction) String() string {
 func (*Transaction) ProtoMessage() {}
 
 func (x *Transaction) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[12]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -990,7 +1481,7 @@ func (x *Transaction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transaction.ProtoReflect.Descriptor instead.
 func (*Transaction) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{12}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Transaction) GetGid() string {
@@ -1056,6 +1547,13 @@ func (x *Transaction) GetReason() string {
 	return ""
 }
 
+func (x *Transaction) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
 var File_treaty_v1_treaty_proto protoreflect.FileDescriptor
 
 const file_treaty_v1_treaty_proto_rawDesc = "" +
@@ -1088,7 +1586,35 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x04wait\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"j\n" +
 	"\x12SubmitSagaResponse\x128\n" +
 	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\x12\x1a\n" +
-	"\bexisting\x18\x02 \x01(\bR\bexisting\")\n" +
+	"\bexisting\x18\x02 \x01(\bR\bexisting\"\xdf\x01\n" +
+	"\tTCCBranch\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
+	"\aconfirm\x18\x02 \x01(\v2\x0f.treaty.v1.CallR\aconfirm\x12'\n" +
+	"\x06cancel\x18\x03 \x01(\v2\x0f.treaty.v1.CallR\x06cancel\x12,\n" +
+	"\x05retry\x18\x04 \x01(\v2\x16.treaty.v1.RetryPolicyR\x05retry\x12<\n" +
+	"\fcall_timeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\vcallTimeout\"X\n" +
+	"\x0fBeginTCCRequest\x12\x10\n" +
+	"\x03gid\x18\x01 \x01(\tR\x03gid\x123\n" +
+	"\atimeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"h\n" +
+	"\x10BeginTCCResponse\x128\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\x12\x1a\n" +
+	"\bexisting\x18\x02 \x01(\bR\bexisting\"Z\n" +
+	"\x18RegisterTCCBranchRequest\x12\x10\n" +
+	"\x03gid\x18\x01 \x01(\tR\x03gid\x12,\n" +
+	"\x06branch\x18\x02 \x01(\v2\x14.treaty.v1.TCCBranchR\x06branch\"7\n" +
+	"\x19RegisterTCCBranchResponse\x12\x1a\n" +
+	"\bexisting\x18\x01 \x01(\bR\bexisting\"S\n" +
+	"\x10CommitTCCRequest\x12\x10\n" +
+	"\x03gid\x18\x01 \x01(\tR\x03gid\x12-\n" +
+	"\x04wait\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"M\n" +
+	"\x11CommitTCCResponse\x128\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\"m\n" +
+	"\x12RollbackTCCRequest\x12\x10\n" +
+	"\x03gid\x18\x01 \x01(\tR\x03gid\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12-\n" +
+	"\x04wait\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"O\n" +
+	"\x13RollbackTCCResponse\x128\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\")\n" +
 	"\x15GetTransactionRequest\x12\x10\n" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\"R\n" +
 	"\x16GetTransactionResponse\x128\n" +
@@ -1114,7 +1640,7 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x16\n" +
 	"\x06branch\x18\x04 \x01(\tR\x06branch\x12\x0e\n" +
 	"\x02op\x18\x05 \x01(\tR\x02op\x12\x16\n" +
-	"\x06detail\x18\x06 \x01(\tR\x06detail\"\x8e\x03\n" +
+	"\x06detail\x18\x06 \x01(\tR\x06detail\"\xa4\x03\n" +
 	"\vTransaction\x12\x10\n" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\x12#\n" +
 	"\x04mode\x18\x02 \x01(\x0e2\x0f.treaty.v1.ModeR\x04mode\x12)\n" +
@@ -1126,32 +1652,39 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\bdeadline\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\bdeadline\x12-\n" +
 	"\bbranches\x18\a \x03(\v2\x11.treaty.v1.BranchR\bbranches\x12(\n" +
 	"\x06events\x18\b \x03(\v2\x10.treaty.v1.EventR\x06events\x12\x16\n" +
-	"\x06reason\x18\t \x01(\tR\x06reason*_\n" +
+	"\x06reason\x18\t \x01(\tR\x06reason\x12\x14\n" +
+	"\x05phase\x18\n" +
+	" \x01(\tR\x05phase*_\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tMODE_SAGA\x10\x01\x12\f\n" +
 	"\bMODE_TCC\x10\x02\x12\x12\n" +
 	"\x0eMODE_TWO_PHASE\x10\x03\x12\x10\n" +
-	"\fMODE_MESSAGE\x10\x04*\x96\x01\n" +
+	"\fMODE_MESSAGE\x10\x04*\xad\x01\n" +
 	"\x06Status\x12\x16\n" +
 	"\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSTATUS_RUNNING\x10\x01\x12\x17\n" +
 	"\x13STATUS_COMPENSATING\x10\x02\x12\x14\n" +
 	"\x10STATUS_SUCCEEDED\x10\x03\x12\x16\n" +
 	"\x12STATUS_COMPENSATED\x10\x04\x12\x19\n" +
-	"\x15STATUS_NEEDS_OPERATOR\x10\x05*\xb5\x01\n" +
+	"\x15STATUS_NEEDS_OPERATOR\x10\x05\x12\x15\n" +
+	"\x11STATUS_COMMITTING\x10\x06*\xb5\x01\n" +
 	"\fBranchStatus\x12\x1d\n" +
 	"\x19BRANCH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15BRANCH_STATUS_PENDING\x10\x01\x12\x19\n" +
 	"\x15BRANCH_STATUS_UNKNOWN\x10\x02\x12\x1b\n" +
 	"\x17BRANCH_STATUS_SUCCEEDED\x10\x03\x12\x18\n" +
 	"\x14BRANCH_STATUS_FAILED\x10\x04\x12\x19\n" +
-	"\x15BRANCH_STATUS_SKIPPED\x10\x052\x89\x02\n" +
+	"\x15BRANCH_STATUS_SKIPPED\x10\x052\xc4\x04\n" +
 	"\vCoordinator\x12I\n" +
 	"\n" +
 	"SubmitSaga\x12\x1c.treaty.v1.SubmitSagaRequest\x1a\x1d.treaty.v1.SubmitSagaResponse\x12U\n" +
 	"\x0eGetTransaction\x12 .treaty.v1.GetTransactionRequest\x1a!.treaty.v1.GetTransactionResponse\x12X\n" +
-	"\x0fWaitTransaction\x12!.treaty.v1.WaitTransactionRequest\x1a\".treaty.v1.WaitTransactionResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
+	"\x0fWaitTransaction\x12!.treaty.v1.WaitTransactionRequest\x1a\".treaty.v1.WaitTransactionResponse\x12C\n" +
+	"\bBeginTCC\x12\x1a.treaty.v1.BeginTCCRequest\x1a\x1b.treaty.v1.BeginTCCResponse\x12^\n" +
+	"\x11RegisterTCCBranch\x12#.treaty.v1.RegisterTCCBranchRequest\x1a$.treaty.v1.RegisterTCCBranchResponse\x12F\n" +
+	"\tCommitTCC\x12\x1b.treaty.v1.CommitTCCRequest\x1a\x1c.treaty.v1.CommitTCCResponse\x12L\n" +
+	"\vRollbackTCC\x12\x1d.treaty.v1.RollbackTCCRequest\x1a\x1e.treaty.v1.RollbackTCCResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
 
 var (
 	file_treaty_v1_treaty_proto_rawDescOnce sync.Once
@@ -1166,63 +1699,91 @@ func file_treaty_v1_treaty_proto_rawDescGZIP() []byte {
 }
 
 var file_treaty_v1_treaty_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_treaty_v1_treaty_proto_goTypes = []any{
-	(Mode)(0),                       // 0: treaty.v1.Mode
-	(Status)(0),                     // 1: treaty.v1.Status
-	(BranchStatus)(0),               // 2: treaty.v1.BranchStatus
-	(*Call)(nil),                    // 3: treaty.v1.Call
-	(*RetryPolicy)(nil),             // 4: treaty.v1.RetryPolicy
-	(*SagaStep)(nil),                // 5: treaty.v1.SagaStep
-	(*SagaSpec)(nil),                // 6: treaty.v1.SagaSpec
-	(*SubmitSagaRequest)(nil),       // 7: treaty.v1.SubmitSagaRequest
-	(*SubmitSagaResponse)(nil),      // 8: treaty.v1.SubmitSagaResponse
-	(*GetTransactionRequest)(nil),   // 9: treaty.v1.GetTransactionRequest
-	(*GetTransactionResponse)(nil),  // 10: treaty.v1.GetTransactionResponse
-	(*WaitTransactionRequest)(nil),  // 11: treaty.v1.WaitTransactionRequest
-	(*WaitTransactionResponse)(nil), // 12: treaty.v1.WaitTransactionResponse
-	(*Branch)(nil),                  // 13: treaty.v1.Branch
-	(*Event)(nil),                   // 14: treaty.v1.Event
-	(*Transaction)(nil),             // 15: treaty.v1.Transaction
-	(*durationpb.Duration)(nil),     // 16: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 17: google.protobuf.Timestamp
+	(Mode)(0),                         // 0: treaty.v1.Mode
+	(Status)(0),                       // 1: treaty.v1.Status
+	(BranchStatus)(0),                 // 2: treaty.v1.BranchStatus
+	(*Call)(nil),                      // 3: treaty.v1.Call
+	(*RetryPolicy)(nil),               // 4: treaty.v1.RetryPolicy
+	(*SagaStep)(nil),                  // 5: treaty.v1.SagaStep
+	(*SagaSpec)(nil),                  // 6: treaty.v1.SagaSpec
+	(*SubmitSagaRequest)(nil),         // 7: treaty.v1.SubmitSagaRequest
+	(*SubmitSagaResponse)(nil),        // 8: treaty.v1.SubmitSagaResponse
+	(*TCCBranch)(nil),                 // 9: treaty.v1.TCCBranch
+	(*BeginTCCRequest)(nil),           // 10: treaty.v1.BeginTCCRequest
+	(*BeginTCCResponse)(nil),          // 11: treaty.v1.BeginTCCResponse
+	(*RegisterTCCBranchRequest)(nil),  // 12: treaty.v1.RegisterTCCBranchRequest
+	(*RegisterTCCBranchResponse)(nil), // 13: treaty.v1.RegisterTCCBranchResponse
+	(*CommitTCCRequest)(nil),          // 14: treaty.v1.CommitTCCRequest
+	(*CommitTCCResponse)(nil),         // 15: treaty.v1.CommitTCCResponse
+	(*RollbackTCCRequest)(nil),        // 16: treaty.v1.RollbackTCCRequest
+	(*RollbackTCCResponse)(nil),       // 17: treaty.v1.RollbackTCCResponse
+	(*GetTransactionRequest)(nil),     // 18: treaty.v1.GetTransactionRequest
+	(*GetTransactionResponse)(nil),    // 19: treaty.v1.GetTransactionResponse
+	(*WaitTransactionRequest)(nil),    // 20: treaty.v1.WaitTransactionRequest
+	(*WaitTransactionResponse)(nil),   // 21: treaty.v1.WaitTransactionResponse
+	(*Branch)(nil),                    // 22: treaty.v1.Branch
+	(*Event)(nil),                     // 23: treaty.v1.Event
+	(*Transaction)(nil),               // 24: treaty.v1.Transaction
+	(*durationpb.Duration)(nil),       // 25: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 26: google.protobuf.Timestamp
 }
 var file_treaty_v1_treaty_proto_depIdxs = []int32{
-	16, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
-	16, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	25, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
+	25, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
 	3,  // 2: treaty.v1.SagaStep.action:type_name -> treaty.v1.Call
 	3,  // 3: treaty.v1.SagaStep.compensate:type_name -> treaty.v1.Call
 	4,  // 4: treaty.v1.SagaStep.retry:type_name -> treaty.v1.RetryPolicy
-	16, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
+	25, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
 	5,  // 6: treaty.v1.SagaSpec.steps:type_name -> treaty.v1.SagaStep
-	16, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
+	25, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
 	6,  // 8: treaty.v1.SubmitSagaRequest.saga:type_name -> treaty.v1.SagaSpec
-	16, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
-	15, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
-	15, // 11: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	16, // 12: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
-	15, // 13: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	2,  // 14: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
-	17, // 15: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
-	17, // 16: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
-	0,  // 17: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
-	1,  // 18: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
-	17, // 19: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
-	17, // 20: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
-	17, // 21: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
-	13, // 22: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
-	14, // 23: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
-	7,  // 24: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
-	9,  // 25: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
-	11, // 26: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
-	8,  // 27: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
-	10, // 28: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
-	12, // 29: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
-	27, // [27:30] is the sub-list for method output_type
-	24, // [24:27] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	25, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
+	24, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
+	3,  // 11: treaty.v1.TCCBranch.confirm:type_name -> treaty.v1.Call
+	3,  // 12: treaty.v1.TCCBranch.cancel:type_name -> treaty.v1.Call
+	4,  // 13: treaty.v1.TCCBranch.retry:type_name -> treaty.v1.RetryPolicy
+	25, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
+	25, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
+	24, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	9,  // 17: treaty.v1.RegisterTCCBranchRequest.branch:type_name -> treaty.v1.TCCBranch
+	25, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
+	24, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	25, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
+	24, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	24, // 22: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	25, // 23: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
+	24, // 24: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	2,  // 25: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
+	26, // 26: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
+	26, // 27: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
+	0,  // 28: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
+	1,  // 29: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
+	26, // 30: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
+	26, // 31: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
+	26, // 32: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
+	22, // 33: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
+	23, // 34: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
+	7,  // 35: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
+	18, // 36: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
+	20, // 37: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
+	10, // 38: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
+	12, // 39: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
+	14, // 40: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
+	16, // 41: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
+	8,  // 42: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
+	19, // 43: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
+	21, // 44: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
+	11, // 45: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
+	13, // 46: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
+	15, // 47: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
+	17, // 48: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
+	42, // [42:49] is the sub-list for method output_type
+	35, // [35:42] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_treaty_v1_treaty_proto_init() }
@@ -1236,7 +1797,7 @@ func file_treaty_v1_treaty_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_treaty_v1_treaty_proto_rawDesc), len(file_treaty_v1_treaty_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   13,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -23,9 +23,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Coordinator_SubmitSaga_FullMethodName      = "/treaty.v1.Coordinator/SubmitSaga"
-	Coordinator_GetTransaction_FullMethodName  = "/treaty.v1.Coordinator/GetTransaction"
-	Coordinator_WaitTransaction_FullMethodName = "/treaty.v1.Coordinator/WaitTransaction"
+	Coordinator_SubmitSaga_FullMethodName        = "/treaty.v1.Coordinator/SubmitSaga"
+	Coordinator_GetTransaction_FullMethodName    = "/treaty.v1.Coordinator/GetTransaction"
+	Coordinator_WaitTransaction_FullMethodName   = "/treaty.v1.Coordinator/WaitTransaction"
+	Coordinator_BeginTCC_FullMethodName          = "/treaty.v1.Coordinator/BeginTCC"
+	Coordinator_RegisterTCCBranch_FullMethodName = "/treaty.v1.Coordinator/RegisterTCCBranch"
+	Coordinator_CommitTCC_FullMethodName         = "/treaty.v1.Coordinator/CommitTCC"
+	Coordinator_RollbackTCC_FullMethodName       = "/treaty.v1.Coordinator/RollbackTCC"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -39,6 +43,19 @@ type CoordinatorClient interface {
 	GetTransaction(ctx context.Context, in *GetTransactionRequest, opts ...grpc.CallOption) (*GetTransactionResponse, error)
 	// WaitTransaction blocks until the transaction is terminal or the timeout passes.
 	WaitTransaction(ctx context.Context, in *WaitTransactionRequest, opts ...grpc.CallOption) (*WaitTransactionResponse, error)
+	// BeginTCC starts a TCC transaction. The initiator then registers each branch before calling
+	// its try, and finally commits or rolls back. Past the timeout without a decision, the
+	// coordinator cancels every registered branch. Idempotent on gid, like SubmitSaga.
+	BeginTCC(ctx context.Context, in *BeginTCCRequest, opts ...grpc.CallOption) (*BeginTCCResponse, error)
+	// RegisterTCCBranch durably records a branch's confirm and cancel endpoints. Call it before the
+	// branch's try. Registering the same branch again with the same spec is a no-op; it fails with
+	// FAILED_PRECONDITION once the transaction is decided or past its timeout.
+	RegisterTCCBranch(ctx context.Context, in *RegisterTCCBranchRequest, opts ...grpc.CallOption) (*RegisterTCCBranchResponse, error)
+	// CommitTCC records the decision to confirm every registered branch and starts confirming.
+	// FAILED_PRECONDITION when the transaction was already cancelled (e.g. it timed out).
+	CommitTCC(ctx context.Context, in *CommitTCCRequest, opts ...grpc.CallOption) (*CommitTCCResponse, error)
+	// RollbackTCC records the decision to cancel every registered branch and starts cancelling.
+	RollbackTCC(ctx context.Context, in *RollbackTCCRequest, opts ...grpc.CallOption) (*RollbackTCCResponse, error)
 }
 
 type coordinatorClient struct {
@@ -79,6 +96,46 @@ func (c *coordinatorClient) WaitTransaction(ctx context.Context, in *WaitTransac
 	return out, nil
 }
 
+func (c *coordinatorClient) BeginTCC(ctx context.Context, in *BeginTCCRequest, opts ...grpc.CallOption) (*BeginTCCResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BeginTCCResponse)
+	err := c.cc.Invoke(ctx, Coordinator_BeginTCC_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) RegisterTCCBranch(ctx context.Context, in *RegisterTCCBranchRequest, opts ...grpc.CallOption) (*RegisterTCCBranchResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RegisterTCCBranchResponse)
+	err := c.cc.Invoke(ctx, Coordinator_RegisterTCCBranch_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) CommitTCC(ctx context.Context, in *CommitTCCRequest, opts ...grpc.CallOption) (*CommitTCCResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CommitTCCResponse)
+	err := c.cc.Invoke(ctx, Coordinator_CommitTCC_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) RollbackTCC(ctx context.Context, in *RollbackTCCRequest, opts ...grpc.CallOption) (*RollbackTCCResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RollbackTCCResponse)
+	err := c.cc.Invoke(ctx, Coordinator_RollbackTCC_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -90,6 +147,19 @@ type CoordinatorServer interface {
 	GetTransaction(context.Context, *GetTransactionRequest) (*GetTransactionResponse, error)
 	// WaitTransaction blocks until the transaction is terminal or the timeout passes.
 	WaitTransaction(context.Context, *WaitTransactionRequest) (*WaitTransactionResponse, error)
+	// BeginTCC starts a TCC transaction. The initiator then registers each branch before calling
+	// its try, and finally commits or rolls back. Past the timeout without a decision, the
+	// coordinator cancels every registered branch. Idempotent on gid, like SubmitSaga.
+	BeginTCC(context.Context, *BeginTCCRequest) (*BeginTCCResponse, error)
+	// RegisterTCCBranch durably records a branch's confirm and cancel endpoints. Call it before the
+	// branch's try. Registering the same branch again with the same spec is a no-op; it fails with
+	// FAILED_PRECONDITION once the transaction is decided or past its timeout.
+	RegisterTCCBranch(context.Context, *RegisterTCCBranchRequest) (*RegisterTCCBranchResponse, error)
+	// CommitTCC records the decision to confirm every registered branch and starts confirming.
+	// FAILED_PRECONDITION when the transaction was already cancelled (e.g. it timed out).
+	CommitTCC(context.Context, *CommitTCCRequest) (*CommitTCCResponse, error)
+	// RollbackTCC records the decision to cancel every registered branch and starts cancelling.
+	RollbackTCC(context.Context, *RollbackTCCRequest) (*RollbackTCCResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -108,6 +178,18 @@ func (UnimplementedCoordinatorServer) GetTransaction(context.Context, *GetTransa
 }
 func (UnimplementedCoordinatorServer) WaitTransaction(context.Context, *WaitTransactionRequest) (*WaitTransactionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method WaitTransaction not implemented")
+}
+func (UnimplementedCoordinatorServer) BeginTCC(context.Context, *BeginTCCRequest) (*BeginTCCResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BeginTCC not implemented")
+}
+func (UnimplementedCoordinatorServer) RegisterTCCBranch(context.Context, *RegisterTCCBranchRequest) (*RegisterTCCBranchResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegisterTCCBranch not implemented")
+}
+func (UnimplementedCoordinatorServer) CommitTCC(context.Context, *CommitTCCRequest) (*CommitTCCResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CommitTCC not implemented")
+}
+func (UnimplementedCoordinatorServer) RollbackTCC(context.Context, *RollbackTCCRequest) (*RollbackTCCResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RollbackTCC not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -184,6 +266,78 @@ func _Coordinator_WaitTransaction_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_BeginTCC_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BeginTCCRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).BeginTCC(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_BeginTCC_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).BeginTCC(ctx, req.(*BeginTCCRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_RegisterTCCBranch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RegisterTCCBranchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).RegisterTCCBranch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_RegisterTCCBranch_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).RegisterTCCBranch(ctx, req.(*RegisterTCCBranchRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_CommitTCC_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CommitTCCRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).CommitTCC(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_CommitTCC_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).CommitTCC(ctx, req.(*CommitTCCRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_RollbackTCC_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RollbackTCCRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).RollbackTCC(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_RollbackTCC_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).RollbackTCC(ctx, req.(*RollbackTCCRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -202,6 +356,22 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "WaitTransaction",
 			Handler:    _Coordinator_WaitTransaction_Handler,
+		},
+		{
+			MethodName: "BeginTCC",
+			Handler:    _Coordinator_BeginTCC_Handler,
+		},
+		{
+			MethodName: "RegisterTCCBranch",
+			Handler:    _Coordinator_RegisterTCCBranch_Handler,
+		},
+		{
+			MethodName: "CommitTCC",
+			Handler:    _Coordinator_CommitTCC_Handler,
+		},
+		{
+			MethodName: "RollbackTCC",
+			Handler:    _Coordinator_RollbackTCC_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -9,6 +9,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -74,14 +76,16 @@ WITH t AS (
         (gid, mode, status, spec, spec_hash, workflow_name, workflow_version, deadline,
          next_attempt_at, lease_owner, lease_expires_at, epoch)
     VALUES ($1, $2, $3, $4, $5, nullif($6, ''), nullif($7, 0), now() + $8::interval,
-            now() + $10::interval, $9, now() + $10::interval, 1)
+            CASE WHEN $9 = '' THEN now() + $8::interval ELSE now() + $10::interval END,
+            nullif($9, ''),
+            CASE WHEN $9 = '' THEN NULL ELSE now() + $10::interval END, 1)
     ON CONFLICT (gid) DO NOTHING
     RETURNING gid, created_at, updated_at, deadline, next_attempt_at, lease_expires_at
 ), b AS (
-    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain)
-    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, x.uncertain
-    FROM t, unnest($11::text[], $12::text[], $13::int[], $14::text[], $19::int[], $20::text[], $21::timestamptz[], $22::bool[])
-        AS x(branch, op, position, status, attempts, last_error, next_at, uncertain)
+    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, spec)
+    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, x.uncertain, x.spec
+    FROM t, unnest($11::text[], $12::text[], $13::int[], $14::text[], $19::int[], $20::text[], $21::timestamptz[], $22::bool[], $23::bytea[])
+        AS x(branch, op, position, status, attempts, last_error, next_at, uncertain, spec)
 ), e AS (
     INSERT INTO treaty_events (gid, kind, branch, op, detail)
     SELECT t.gid, x.kind, x.branch, x.op, x.detail
@@ -100,12 +104,16 @@ func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (st
 		WorkflowName: p.WorkflowName, WorkflowVersion: p.WorkflowVersion,
 		LeaseOwner: p.Owner, Epoch: 1,
 	}
+	var leaseExp *time.Time
 	err := s.pool.QueryRow(ctx, createSQL,
 		p.GID, p.Mode, p.Status, p.Spec, p.SpecHash, p.WorkflowName, p.WorkflowVersion,
 		p.Timeout, p.Owner, p.Lease,
-		bn, bo, bp, bs, ek, eb, eo, ed, ba, be, bt, bu,
-	).Scan(&t.CreatedAt, &t.UpdatedAt, &t.Deadline, &t.NextAttemptAt, &t.LeaseExpiresAt)
+		bn, bo, bp, bs, ek, eb, eo, ed, ba, be, bt, bu, branchSpecs(p.Branches),
+	).Scan(&t.CreatedAt, &t.UpdatedAt, &t.Deadline, &t.NextAttemptAt, &leaseExp)
 	if err == nil {
+		if leaseExp != nil {
+			t.LeaseExpiresAt = *leaseExp
+		}
 		return store.CreateResult{Created: true, Transaction: t}, nil
 	}
 	if !errors.Is(err, pgx.ErrNoRows) {
@@ -152,8 +160,17 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 	if len(ps) == 0 {
 		return nil, nil
 	}
+	// Write in gid order (bytewise, as COLLATE "C"), the order RenewLeases locks rows in: a
+	// group commit and a lease renewal that touch the same transactions then never wait for
+	// each other in a cycle (a deadlock costs deadlock_timeout, 1s by default, and fails both).
+	order := make([]int, len(ps))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(a, b int) int { return strings.Compare(ps[a].GID, ps[b].GID) })
 	batch := &pgx.Batch{}
-	for _, p := range ps {
+	for _, i := range order {
+		p := ps[i]
 		bn, bo, bpos, bs := branchArrays(p.Branches)
 		ba, be, bt, bu := branchStateArrays(p.Branches)
 		ek, eb, eo, ed := eventArrays(p.Events)
@@ -162,7 +179,7 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 	}
 	br := s.pool.SendBatch(ctx, batch)
 	out := make([]store.RecordResult, len(ps))
-	for i := range ps {
+	for _, i := range order {
 		var n int64
 		var exp *time.Time
 		if err := br.QueryRow().Scan(&n, &exp); err != nil {
@@ -197,11 +214,14 @@ func scanTx(row pgx.Row) (store.Transaction, error) {
 	return t, err
 }
 
-const branchesSQL = `SELECT gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, updated_at
+const branchesSQL = `SELECT gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, spec, updated_at
     FROM treaty_branches WHERE gid = ANY($1) ORDER BY gid, position, op`
 
 func (s *Store) branches(ctx context.Context, gids []string) (map[string][]store.Branch, error) {
-	rows, err := s.pool.Query(ctx, branchesSQL, gids)
+	// Planned afresh each time (unnamed statement): a generic plan cached while the table was
+	// small is a sequential scan, and it stays one until autovacuum analyzes the table, a minute or
+	// more on a fresh database under load.
+	rows, err := s.pool.Query(ctx, branchesSQL, pgx.QueryExecModeCacheDescribe, gids)
 	if err != nil {
 		return nil, fmt.Errorf("read branches: %w", err)
 	}
@@ -211,7 +231,7 @@ func (s *Store) branches(ctx context.Context, gids []string) (map[string][]store
 		var gid string
 		var b store.Branch
 		var next *time.Time
-		if err := rows.Scan(&gid, &b.Branch, &b.Op, &b.Position, &b.Status, &b.Attempts, &b.LastError, &next, &b.Uncertain, &b.UpdatedAt); err != nil {
+		if err := rows.Scan(&gid, &b.Branch, &b.Op, &b.Position, &b.Status, &b.Attempts, &b.LastError, &next, &b.Uncertain, &b.Spec, &b.UpdatedAt); err != nil {
 			return nil, fmt.Errorf("read branches: %w", err)
 		}
 		if next != nil {
@@ -314,12 +334,23 @@ func (s *Store) ClaimDue(ctx context.Context, p store.ClaimParams) ([]store.Clai
 	return out, nil
 }
 
+// renewSQL locks the rows in gid order (bytewise) before updating them, the order Record writes
+// in, so a renewal and a group commit cannot deadlock. An UPDATE ... FROM would lock rows in
+// whatever order the join produced them.
 const renewSQL = `
+WITH locked AS MATERIALIZED (
+    SELECT t.gid
+    FROM treaty_transactions t
+    JOIN unnest($3::text[], $4::bigint[]) AS x(gid, epoch) ON t.gid = x.gid AND t.epoch = x.epoch
+    WHERE t.lease_owner = $1 AND t.next_attempt_at IS NOT NULL
+    ORDER BY t.gid COLLATE "C"
+    FOR UPDATE OF t
+)
 UPDATE treaty_transactions t SET
     lease_expires_at = now() + $2::interval,
     next_attempt_at = now() + $2::interval
-FROM unnest($3::text[], $4::bigint[]) AS x(gid, epoch)
-WHERE t.gid = x.gid AND t.epoch = x.epoch AND t.lease_owner = $1 AND t.next_attempt_at IS NOT NULL
+FROM locked
+WHERE t.gid = locked.gid
 RETURNING t.gid, t.lease_expires_at`
 
 // RenewLeases implements store.Store.
@@ -407,6 +438,115 @@ func (s *Store) Ping(ctx context.Context) error {
 		return fmt.Errorf("schema at version %d, this binary needs %d: run `coordinator migrate`", v, m.Latest())
 	}
 	return nil
+}
+
+func branchSpecs(bs []store.Branch) [][]byte {
+	out := make([][]byte, len(bs))
+	for i, b := range bs {
+		out[i] = b.Spec
+	}
+	return out
+}
+
+// registerSQL adds branches only while the transaction is open: in an allowed status, unleased,
+// before its deadline. FOR SHARE makes a concurrent Transition or claim (which updates the row)
+// wait for this insert to commit, or makes this one see their result.
+const registerSQL = `
+WITH t AS (
+    SELECT gid FROM treaty_transactions
+    WHERE gid = $1 AND status = ANY($2) AND lease_owner IS NULL AND deadline > now()
+    FOR SHARE
+), b AS (
+    INSERT INTO treaty_branches (gid, branch, op, position, status, spec)
+    SELECT t.gid, x.branch, x.op,
+           (SELECT coalesce(max(position) + 1, 0) FROM treaty_branches WHERE gid = $1) + x.rel,
+           x.status, x.spec
+    FROM t, unnest($3::text[], $4::text[], $5::text[], $6::bytea[], $11::int[]) AS x(branch, op, status, spec, rel)
+    ON CONFLICT (gid, branch, op) DO NOTHING
+    RETURNING branch
+), e AS (
+    INSERT INTO treaty_events (gid, kind, branch, op, detail)
+    SELECT t.gid, x.kind, x.branch, x.op, x.detail
+    FROM t, unnest($7::text[], $8::text[], $9::text[], $10::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
+    WHERE x.branch = '' OR x.branch IN (SELECT branch FROM b)
+    ORDER BY x.n
+)
+SELECT count(*), coalesce((SELECT array_agg(DISTINCT branch) FROM b), '{}') FROM t`
+
+// RegisterBranches implements store.Store.
+func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (store.RegisterResult, error) {
+	names := make([]string, len(p.Branches))
+	ops := make([]string, len(p.Branches))
+	status := make([]string, len(p.Branches))
+	rel := make([]int32, len(p.Branches)) // Position relative to the branches already there
+	for i, b := range p.Branches {
+		names[i], ops[i], status[i], rel[i] = b.Branch, b.Op, b.Status, int32(b.Position)
+	}
+	ek, eb, eo, ed := eventArrays(p.Events)
+	var open int
+	var inserted []string
+	if err := s.pool.QueryRow(ctx, registerSQL, p.GID, p.Statuses, names, ops, status, branchSpecs(p.Branches),
+		ek, eb, eo, ed, rel).Scan(&open, &inserted); err != nil {
+		return store.RegisterResult{}, fmt.Errorf("register branches of %q: %w", p.GID, err)
+	}
+	t, bs, err := s.GetTransaction(ctx, p.GID)
+	if err != nil {
+		return store.RegisterResult{}, err
+	}
+	res := store.RegisterResult{Open: open == 1, Transaction: t, Existing: map[string][]byte{}}
+	if !res.Open {
+		return res, nil
+	}
+	// Rows that were there before keep their spec; report it so the caller can compare.
+	isNew := map[string]bool{}
+	for _, n := range inserted {
+		isNew[n] = true
+	}
+	for _, b := range bs {
+		for _, nb := range p.Branches {
+			if b.Branch == nb.Branch && b.Op == nb.Op && !isNew[b.Branch] {
+				res.Existing[b.Branch] = b.Spec
+			}
+		}
+	}
+	return res, nil
+}
+
+const transitionSQL = `
+WITH t AS (
+    UPDATE treaty_transactions SET
+        status = $3, reason = CASE WHEN $4 = '' THEN reason ELSE $4 END,
+        lease_owner = $5, lease_expires_at = now() + $6::interval,
+        next_attempt_at = now() + $6::interval, epoch = epoch + 1, updated_at = now()
+    WHERE gid = $1 AND status = ANY($2) AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+    RETURNING ` + txColumns + `
+), e AS (
+    INSERT INTO treaty_events (gid, kind, branch, op, detail)
+    SELECT t.gid, x.kind, x.branch, x.op, x.detail
+    FROM t, unnest($7::text[], $8::text[], $9::text[], $10::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
+    ORDER BY x.n
+)
+SELECT * FROM t`
+
+// Transition implements store.Store.
+func (s *Store) Transition(ctx context.Context, p store.TransitionParams) (store.TransitionResult, error) {
+	ek, eb, eo, ed := eventArrays(p.Events)
+	t, err := scanTx(s.pool.QueryRow(ctx, transitionSQL, p.GID, p.From, p.To, p.Reason, p.Owner, p.Lease, ek, eb, eo, ed))
+	if errors.Is(err, pgx.ErrNoRows) {
+		cur, _, err := s.GetTransaction(ctx, p.GID)
+		if err != nil {
+			return store.TransitionResult{}, err
+		}
+		return store.TransitionResult{Current: cur}, nil
+	}
+	if err != nil {
+		return store.TransitionResult{}, fmt.Errorf("transition %q to %s: %w", p.GID, p.To, err)
+	}
+	bs, err := s.branches(ctx, []string{p.GID})
+	if err != nil {
+		return store.TransitionResult{}, err
+	}
+	return store.TransitionResult{Done: true, Claimed: store.Claimed{Transaction: t, Branches: bs[p.GID]}}, nil
 }
 
 func branchArrays(bs []store.Branch) (names, ops []string, pos []int32, status []string) {

@@ -1,0 +1,1 @@
+ALTER TABLE treaty_branches DROP COLUMN spec;
