@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -23,6 +24,7 @@ import (
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
@@ -51,6 +53,9 @@ type SagaConfig struct {
 	Participants int
 	// DBMaxConns sizes the in-process coordinator's pool; 0 = the coordinator's default.
 	DBMaxConns int
+	// CommitWorkers and CommitBatch tune the in-process coordinator's group commit; 0 = the
+	// engine's defaults.
+	CommitWorkers, CommitBatch int
 	// CPUProfile, if set, receives a CPU profile of the measured phase (the whole process:
 	// clients, participants and, when in process, the coordinator).
 	CPUProfile string
@@ -140,6 +145,14 @@ type SagaResult struct {
 	NumCPU       int    `json:"num_cpu"`
 	GCCycles     uint32 `json:"gc_cycles"` // during the measured phase, this process
 	PgVersion    string `json:"pg_version"`
+
+	// Where the CPU went during the measured phase (Linux): this process (clients, participants
+	// and an in-process coordinator) and the PostgreSQL backends connected to the saga database
+	// (only when the server runs on this machine). Cores = CPU seconds per second.
+	ProcessCPUCores    float64 `json:"process_cpu_cores,omitempty"`
+	ProcessCPUMsSaga   float64 `json:"process_cpu_ms_per_saga,omitempty"`
+	PgBackendCPUCores  float64 `json:"pg_backend_cpu_cores,omitempty"`
+	PgBackendCPUMsSaga float64 `json:"pg_backend_cpu_ms_per_saga,omitempty"`
 }
 
 // RunSaga runs the saga benchmark: the commit ceiling first, then a coordinator (in process
@@ -218,7 +231,10 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		if clog == nil {
 			clog = slog.New(slog.DiscardHandler)
 		}
-		a, err := app.Start(ctx, app.Config{DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: "127.0.0.1:0", Migrate: true, Logger: clog})
+		a, err := app.Start(ctx, app.Config{
+			DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: "127.0.0.1:0", Migrate: true, Logger: clog,
+			Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch},
+		})
 		if err != nil {
 			return SagaResult{}, fmt.Errorf("start coordinator: %w", err)
 		}
@@ -260,9 +276,19 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	}
 	var ms0, ms1 runtime.MemStats
 	runtime.ReadMemStats(&ms0)
+	cpu0, cpuOK := processCPU()
+	pg0, err := pgBackendsCPU(ctx, stats, res.Database)
+	if err != nil {
+		return SagaResult{}, err
+	}
 	log.Info("measuring", "duration", cfg.Duration, "steps", cfg.Steps, "concurrency", cfg.Concurrency)
 	run, runErr := runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Duration)
 	runtime.ReadMemStats(&ms1)
+	cpu1, _ := processCPU()
+	pg1, err := pgBackendsCPU(ctx, stats, res.Database)
+	if err != nil {
+		return SagaResult{}, err
+	}
 	if cfg.CPUProfile != "" {
 		pprof.StopCPUProfile()
 	}
@@ -284,6 +310,14 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs = Millis(lat.Mean), Millis(lat.P50), Millis(lat.P90), Millis(lat.P99), Millis(lat.Max)
 		// Failed sagas wrote too; divide by every saga submitted so the figure is not inflated.
 		res.CommitsPerSaga = Round3(float64(res.XactCommits) / float64(run.ok+run.failed))
+		if cpuOK {
+			res.ProcessCPUCores = Round3((cpu1 - cpu0).Seconds() / run.elapsed.Seconds())
+			res.ProcessCPUMsSaga = Millis((cpu1 - cpu0) / time.Duration(run.ok))
+		}
+		if pg := pg1.since(pg0); pg > 0 {
+			res.PgBackendCPUCores = Round3(pg.Seconds() / run.elapsed.Seconds())
+			res.PgBackendCPUMsSaga = Millis(pg / time.Duration(run.ok))
+		}
 	}
 	if res.PgCommitsPerSec > 0 {
 		res.Ratio = Round3(res.SagasPerSec * res.CommitsPerSaga / res.PgCommitsPerSec)
@@ -292,6 +326,40 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		return res, runErr
 	}
 	return res, nil
+}
+
+// backendTimes maps PostgreSQL backend pids to the CPU time each had used.
+type backendTimes map[int32]time.Duration
+
+// since returns the CPU the backends used between then and b. A backend that is new in b counts
+// in full (it started in between); one that exited in between is missed, which the bench avoids
+// by keeping its pools open across the phase.
+func (b backendTimes) since(then backendTimes) time.Duration {
+	var d time.Duration
+	for pid, t := range b {
+		d += t - then[pid]
+	}
+	return d
+}
+
+// pgBackendsCPU reads the CPU time of every client backend connected to datname, when the server
+// runs on this machine; an empty map otherwise.
+func pgBackendsCPU(ctx context.Context, pool *pgxpool.Pool, datname string) (backendTimes, error) {
+	rows, err := pool.Query(ctx, `SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'`, datname)
+	if err != nil {
+		return nil, fmt.Errorf("list backends of %q: %w", datname, err)
+	}
+	pids, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
+		return nil, fmt.Errorf("list backends of %q: %w", datname, err)
+	}
+	out := make(backendTimes, len(pids))
+	for _, pid := range pids {
+		if t, ok := backendCPU(pid, datname); ok {
+			out[pid] = t
+		}
+	}
+	return out, nil
 }
 
 // sagaSpec builds a saga of n sequential no-op steps spread over the participants.
@@ -413,6 +481,8 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	fs.DurationVar(&cfg.Baseline, "baseline", 5*time.Second, "how long to measure the raw commit rate")
 	fs.IntVar(&cfg.Participants, "participants", 0, "no-op participant servers; step i calls server i mod N (default: one per step)")
 	fs.IntVar(&cfg.DBMaxConns, "db-max-conns", 0, "pool size of the in-process coordinator (default: the coordinator's, 16)")
+	fs.IntVar(&cfg.CommitWorkers, "commit-workers", 0, "group commits in flight at once in the in-process coordinator (default: the engine's)")
+	fs.IntVar(&cfg.CommitBatch, "commit-batch", 0, "most records per group commit in the in-process coordinator (default: the engine's)")
 	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured phase to this file")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the treaty_bench_* database instead of dropping it")
 	fs.BoolVar(&verbose, "v", false, "log the coordinator's warnings too")
@@ -444,6 +514,10 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 		res.Sagas, res.Seconds, res.Failed, res.SagasPerSec, res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs)
 	fmt.Fprintf(stdout, "  PostgreSQL ceiling %.0f commits/s; %.2f commits per saga (%d xact_commit); ratio %.3f\n",
 		res.PgCommitsPerSec, res.CommitsPerSaga, res.XactCommits, res.Ratio)
+	if res.ProcessCPUCores > 0 || res.PgBackendCPUCores > 0 {
+		fmt.Fprintf(stdout, "  CPU: this process %.2f cores (%.3f ms/saga), PostgreSQL backends %.2f cores (%.3f ms/saga), of %d cores\n",
+			res.ProcessCPUCores, res.ProcessCPUMsSaga, res.PgBackendCPUCores, res.PgBackendCPUMsSaga, res.NumCPU)
+	}
 	line, jerr := json.Marshal(res)
 	if jerr != nil {
 		fmt.Fprintf(stderr, "treaty-bench saga: %v\n", jerr)
