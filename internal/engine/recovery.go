@@ -94,6 +94,12 @@ func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) 
 			return nil, err
 		}
 		m = tm
+	case "2pc":
+		tm, err := e.twopcFromRows(t, c.Branches)
+		if err != nil {
+			return nil, err
+		}
+		m = tm
 	default:
 		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/pkg/saga"
 	"github.com/treatyhq/treaty/pkg/tcc"
+	"github.com/treatyhq/treaty/pkg/twopc"
 )
 
 // SubmitResult is what SubmitSaga did.
@@ -135,6 +136,11 @@ var statusToProto = map[string]treatyv1.Status{
 	string(tcc.PhaseCancelling):     treatyv1.Status_STATUS_COMPENSATING,
 	string(tcc.PhaseConfirmed):      treatyv1.Status_STATUS_SUCCEEDED,
 	string(tcc.PhaseCancelled):      treatyv1.Status_STATUS_COMPENSATED,
+	string(twopc.PhasePreparing):    treatyv1.Status_STATUS_RUNNING,
+	string(twopc.PhaseCommitting):   treatyv1.Status_STATUS_COMMITTING,
+	string(twopc.PhaseRollingBack):  treatyv1.Status_STATUS_COMPENSATING,
+	string(twopc.PhaseCommitted):    treatyv1.Status_STATUS_SUCCEEDED,
+	string(twopc.PhaseRolledBack):   treatyv1.Status_STATUS_COMPENSATED,
 	string(saga.PhaseRunning):       treatyv1.Status_STATUS_RUNNING,
 	string(saga.PhaseCompensating):  treatyv1.Status_STATUS_COMPENSATING,
 	string(saga.PhaseSucceeded):     treatyv1.Status_STATUS_SUCCEEDED,
@@ -153,6 +159,7 @@ var branchStatusToProto = map[string]treatyv1.BranchStatus{
 var modeToProto = map[string]treatyv1.Mode{
 	"saga": treatyv1.Mode_MODE_SAGA,
 	"tcc":  treatyv1.Mode_MODE_TCC,
+	"2pc":  treatyv1.Mode_MODE_TWO_PHASE,
 }
 
 func ts(t time.Time) *timestamppb.Timestamp {

@@ -161,6 +161,28 @@ func (c *Coordinator) decideTCC(ctx context.Context, gid string, commit bool, re
 	return tx, nil
 }
 
+// Submit2PC implements treatyv1.CoordinatorServer.
+func (c *Coordinator) Submit2PC(ctx context.Context, req *treatyv1.Submit2PCRequest) (*treatyv1.Submit2PCResponse, error) {
+	wait, err := optionalDuration("wait", req.Wait, req.Wait == nil, MaxWaitTimeout)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	res, err := c.Engine.SubmitTwoPhase(ctx, req)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	var tx *treatyv1.Transaction
+	if wait > 0 {
+		tx, _, err = c.Engine.Wait(ctx, res.GID, wait)
+	} else {
+		tx, err = c.Engine.Get(ctx, res.GID)
+	}
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.Submit2PCResponse{Transaction: tx, Existing: res.Existing}, nil
+}
+
 // toStatus maps domain errors to gRPC status codes: the one place that does.
 func toStatus(err error) error {
 	var inv *engine.InvalidArgumentError

@@ -1072,6 +1072,215 @@ func (x *RollbackTCCResponse) GetTransaction() *Transaction {
 	return nil
 }
 
+// A 2PC participant: its prepare, commit and rollback endpoints.
+type TwoPhaseBranch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unique within the transaction; [A-Za-z0-9._:-], at most 64 bytes.
+	Name     string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Prepare  *Call  `protobuf:"bytes,2,opt,name=prepare,proto3" json:"prepare,omitempty"`
+	Commit   *Call  `protobuf:"bytes,3,opt,name=commit,proto3" json:"commit,omitempty"`
+	Rollback *Call  `protobuf:"bytes,4,opt,name=rollback,proto3" json:"rollback,omitempty"`
+	// Backoff of commit and rollback retries (they never give up; prepare is not retried).
+	Retry *RetryPolicy `protobuf:"bytes,5,opt,name=retry,proto3" json:"retry,omitempty"`
+	// Timeout of one call; a prepare not answered within it means rollback (default 5s).
+	CallTimeout   *durationpb.Duration `protobuf:"bytes,6,opt,name=call_timeout,json=callTimeout,proto3" json:"call_timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TwoPhaseBranch) Reset() {
+	*x = TwoPhaseBranch{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TwoPhaseBranch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TwoPhaseBranch) ProtoMessage() {}
+
+func (x *TwoPhaseBranch) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TwoPhaseBranch.ProtoReflect.Descriptor instead.
+func (*TwoPhaseBranch) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *TwoPhaseBranch) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TwoPhaseBranch) GetPrepare() *Call {
+	if x != nil {
+		return x.Prepare
+	}
+	return nil
+}
+
+func (x *TwoPhaseBranch) GetCommit() *Call {
+	if x != nil {
+		return x.Commit
+	}
+	return nil
+}
+
+func (x *TwoPhaseBranch) GetRollback() *Call {
+	if x != nil {
+		return x.Rollback
+	}
+	return nil
+}
+
+func (x *TwoPhaseBranch) GetRetry() *RetryPolicy {
+	if x != nil {
+		return x.Retry
+	}
+	return nil
+}
+
+func (x *TwoPhaseBranch) GetCallTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.CallTimeout
+	}
+	return nil
+}
+
+type Submit2PCRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Gid      string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	Branches []*TwoPhaseBranch      `protobuf:"bytes,2,rep,name=branches,proto3" json:"branches,omitempty"`
+	// How long the prepare phase may take (default 1m); past it the transaction rolls back.
+	Timeout       *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	Wait          *durationpb.Duration `protobuf:"bytes,4,opt,name=wait,proto3" json:"wait,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Submit2PCRequest) Reset() {
+	*x = Submit2PCRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Submit2PCRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Submit2PCRequest) ProtoMessage() {}
+
+func (x *Submit2PCRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Submit2PCRequest.ProtoReflect.Descriptor instead.
+func (*Submit2PCRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *Submit2PCRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *Submit2PCRequest) GetBranches() []*TwoPhaseBranch {
+	if x != nil {
+		return x.Branches
+	}
+	return nil
+}
+
+func (x *Submit2PCRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+func (x *Submit2PCRequest) GetWait() *durationpb.Duration {
+	if x != nil {
+		return x.Wait
+	}
+	return nil
+}
+
+type Submit2PCResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	Existing      bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Submit2PCResponse) Reset() {
+	*x = Submit2PCResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Submit2PCResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Submit2PCResponse) ProtoMessage() {}
+
+func (x *Submit2PCResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Submit2PCResponse.ProtoReflect.Descriptor instead.
+func (*Submit2PCResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *Submit2PCResponse) GetTransaction() *Transaction {
+	if x != nil {
+		return x.Transaction
+	}
+	return nil
+}
+
+func (x *Submit2PCResponse) GetExisting() bool {
+	if x != nil {
+		return x.Existing
+	}
+	return false
+}
+
 type GetTransactionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
@@ -1081,7 +1290,7 @@ type GetTransactionRequest struct {
 
 func (x *GetTransactionRequest) Reset() {
 	*x = GetTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[15]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1093,7 +1302,7 @@ func (x *GetTransactionRequest) String() string {
 func (*GetTransactionRequest) ProtoMessage() {}
 
 func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[15]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1106,7 +1315,7 @@ func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionRequest.ProtoReflect.Descriptor instead.
 func (*GetTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{15}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetTransactionRequest) GetGid() string {
@@ -1125,7 +1334,7 @@ type GetTransactionResponse struct {
 
 func (x *GetTransactionResponse) Reset() {
 	*x = GetTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[16]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1137,7 +1346,7 @@ func (x *GetTransactionResponse) String() string {
 func (*GetTransactionResponse) ProtoMessage() {}
 
 func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[16]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1150,7 +1359,7 @@ func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionResponse.ProtoReflect.Descriptor instead.
 func (*GetTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{16}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetTransactionResponse) GetTransaction() *Transaction {
@@ -1171,7 +1380,7 @@ type WaitTransactionRequest struct {
 
 func (x *WaitTransactionRequest) Reset() {
 	*x = WaitTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[17]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1183,7 +1392,7 @@ func (x *WaitTransactionRequest) String() string {
 func (*WaitTransactionRequest) ProtoMessage() {}
 
 func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[17]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1196,7 +1405,7 @@ func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionRequest.ProtoReflect.Descriptor instead.
 func (*WaitTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{17}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *WaitTransactionRequest) GetGid() string {
@@ -1224,7 +1433,7 @@ type WaitTransactionResponse struct {
 
 func (x *WaitTransactionResponse) Reset() {
 	*x = WaitTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1236,7 +1445,7 @@ func (x *WaitTransactionResponse) String() string {
 func (*WaitTransactionResponse) ProtoMessage() {}
 
 func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1249,7 +1458,7 @@ func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionResponse.ProtoReflect.Descriptor instead.
 func (*WaitTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{18}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WaitTransactionResponse) GetTransaction() *Transaction {
@@ -1281,7 +1490,7 @@ type Branch struct {
 
 func (x *Branch) Reset() {
 	*x = Branch{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1502,7 @@ func (x *Branch) String() string {
 func (*Branch) ProtoMessage() {}
 
 func (x *Branch) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1515,7 @@ func (x *Branch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Branch.ProtoReflect.Descriptor instead.
 func (*Branch) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{19}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Branch) GetName() string {
@@ -1366,7 +1575,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1378,7 +1587,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1391,7 +1600,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{20}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Event) GetId() int64 {
@@ -1456,7 +1665,7 @@ type Transaction struct {
 
 func (x *Transaction) Reset() {
 	*x = Transaction{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1677,7 @@ func (x *Transaction) String() string {
 func (*Transaction) ProtoMessage() {}
 
 func (x *Transaction) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1690,7 @@ func (x *Transaction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transaction.ProtoReflect.Descriptor instead.
 func (*Transaction) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{21}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Transaction) GetGid() string {
@@ -1614,7 +1823,22 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12-\n" +
 	"\x04wait\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"O\n" +
 	"\x13RollbackTCCResponse\x128\n" +
-	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\")\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\"\x91\x02\n" +
+	"\x0eTwoPhaseBranch\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
+	"\aprepare\x18\x02 \x01(\v2\x0f.treaty.v1.CallR\aprepare\x12'\n" +
+	"\x06commit\x18\x03 \x01(\v2\x0f.treaty.v1.CallR\x06commit\x12+\n" +
+	"\brollback\x18\x04 \x01(\v2\x0f.treaty.v1.CallR\brollback\x12,\n" +
+	"\x05retry\x18\x05 \x01(\v2\x16.treaty.v1.RetryPolicyR\x05retry\x12<\n" +
+	"\fcall_timeout\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\vcallTimeout\"\xbf\x01\n" +
+	"\x10Submit2PCRequest\x12\x10\n" +
+	"\x03gid\x18\x01 \x01(\tR\x03gid\x125\n" +
+	"\bbranches\x18\x02 \x03(\v2\x19.treaty.v1.TwoPhaseBranchR\bbranches\x123\n" +
+	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12-\n" +
+	"\x04wait\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"i\n" +
+	"\x11Submit2PCResponse\x128\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\x12\x1a\n" +
+	"\bexisting\x18\x02 \x01(\bR\bexisting\")\n" +
 	"\x15GetTransactionRequest\x12\x10\n" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\"R\n" +
 	"\x16GetTransactionResponse\x128\n" +
@@ -1675,7 +1899,7 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x15BRANCH_STATUS_UNKNOWN\x10\x02\x12\x1b\n" +
 	"\x17BRANCH_STATUS_SUCCEEDED\x10\x03\x12\x18\n" +
 	"\x14BRANCH_STATUS_FAILED\x10\x04\x12\x19\n" +
-	"\x15BRANCH_STATUS_SKIPPED\x10\x052\xc4\x04\n" +
+	"\x15BRANCH_STATUS_SKIPPED\x10\x052\x8c\x05\n" +
 	"\vCoordinator\x12I\n" +
 	"\n" +
 	"SubmitSaga\x12\x1c.treaty.v1.SubmitSagaRequest\x1a\x1d.treaty.v1.SubmitSagaResponse\x12U\n" +
@@ -1684,7 +1908,8 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\bBeginTCC\x12\x1a.treaty.v1.BeginTCCRequest\x1a\x1b.treaty.v1.BeginTCCResponse\x12^\n" +
 	"\x11RegisterTCCBranch\x12#.treaty.v1.RegisterTCCBranchRequest\x1a$.treaty.v1.RegisterTCCBranchResponse\x12F\n" +
 	"\tCommitTCC\x12\x1b.treaty.v1.CommitTCCRequest\x1a\x1c.treaty.v1.CommitTCCResponse\x12L\n" +
-	"\vRollbackTCC\x12\x1d.treaty.v1.RollbackTCCRequest\x1a\x1e.treaty.v1.RollbackTCCResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
+	"\vRollbackTCC\x12\x1d.treaty.v1.RollbackTCCRequest\x1a\x1e.treaty.v1.RollbackTCCResponse\x12F\n" +
+	"\tSubmit2PC\x12\x1b.treaty.v1.Submit2PCRequest\x1a\x1c.treaty.v1.Submit2PCResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
 
 var (
 	file_treaty_v1_treaty_proto_rawDescOnce sync.Once
@@ -1699,7 +1924,7 @@ func file_treaty_v1_treaty_proto_rawDescGZIP() []byte {
 }
 
 var file_treaty_v1_treaty_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_treaty_v1_treaty_proto_goTypes = []any{
 	(Mode)(0),                         // 0: treaty.v1.Mode
 	(Status)(0),                       // 1: treaty.v1.Status
@@ -1719,71 +1944,85 @@ var file_treaty_v1_treaty_proto_goTypes = []any{
 	(*CommitTCCResponse)(nil),         // 15: treaty.v1.CommitTCCResponse
 	(*RollbackTCCRequest)(nil),        // 16: treaty.v1.RollbackTCCRequest
 	(*RollbackTCCResponse)(nil),       // 17: treaty.v1.RollbackTCCResponse
-	(*GetTransactionRequest)(nil),     // 18: treaty.v1.GetTransactionRequest
-	(*GetTransactionResponse)(nil),    // 19: treaty.v1.GetTransactionResponse
-	(*WaitTransactionRequest)(nil),    // 20: treaty.v1.WaitTransactionRequest
-	(*WaitTransactionResponse)(nil),   // 21: treaty.v1.WaitTransactionResponse
-	(*Branch)(nil),                    // 22: treaty.v1.Branch
-	(*Event)(nil),                     // 23: treaty.v1.Event
-	(*Transaction)(nil),               // 24: treaty.v1.Transaction
-	(*durationpb.Duration)(nil),       // 25: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 26: google.protobuf.Timestamp
+	(*TwoPhaseBranch)(nil),            // 18: treaty.v1.TwoPhaseBranch
+	(*Submit2PCRequest)(nil),          // 19: treaty.v1.Submit2PCRequest
+	(*Submit2PCResponse)(nil),         // 20: treaty.v1.Submit2PCResponse
+	(*GetTransactionRequest)(nil),     // 21: treaty.v1.GetTransactionRequest
+	(*GetTransactionResponse)(nil),    // 22: treaty.v1.GetTransactionResponse
+	(*WaitTransactionRequest)(nil),    // 23: treaty.v1.WaitTransactionRequest
+	(*WaitTransactionResponse)(nil),   // 24: treaty.v1.WaitTransactionResponse
+	(*Branch)(nil),                    // 25: treaty.v1.Branch
+	(*Event)(nil),                     // 26: treaty.v1.Event
+	(*Transaction)(nil),               // 27: treaty.v1.Transaction
+	(*durationpb.Duration)(nil),       // 28: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 29: google.protobuf.Timestamp
 }
 var file_treaty_v1_treaty_proto_depIdxs = []int32{
-	25, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
-	25, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	28, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
+	28, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
 	3,  // 2: treaty.v1.SagaStep.action:type_name -> treaty.v1.Call
 	3,  // 3: treaty.v1.SagaStep.compensate:type_name -> treaty.v1.Call
 	4,  // 4: treaty.v1.SagaStep.retry:type_name -> treaty.v1.RetryPolicy
-	25, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
+	28, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
 	5,  // 6: treaty.v1.SagaSpec.steps:type_name -> treaty.v1.SagaStep
-	25, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
+	28, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
 	6,  // 8: treaty.v1.SubmitSagaRequest.saga:type_name -> treaty.v1.SagaSpec
-	25, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
-	24, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
+	28, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
+	27, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
 	3,  // 11: treaty.v1.TCCBranch.confirm:type_name -> treaty.v1.Call
 	3,  // 12: treaty.v1.TCCBranch.cancel:type_name -> treaty.v1.Call
 	4,  // 13: treaty.v1.TCCBranch.retry:type_name -> treaty.v1.RetryPolicy
-	25, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
-	25, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
-	24, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	28, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
+	28, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
+	27, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
 	9,  // 17: treaty.v1.RegisterTCCBranchRequest.branch:type_name -> treaty.v1.TCCBranch
-	25, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
-	24, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
-	25, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
-	24, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
-	24, // 22: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	25, // 23: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
-	24, // 24: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	2,  // 25: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
-	26, // 26: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
-	26, // 27: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
-	0,  // 28: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
-	1,  // 29: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
-	26, // 30: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
-	26, // 31: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
-	26, // 32: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
-	22, // 33: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
-	23, // 34: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
-	7,  // 35: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
-	18, // 36: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
-	20, // 37: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
-	10, // 38: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
-	12, // 39: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
-	14, // 40: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
-	16, // 41: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
-	8,  // 42: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
-	19, // 43: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
-	21, // 44: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
-	11, // 45: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
-	13, // 46: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
-	15, // 47: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
-	17, // 48: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
-	42, // [42:49] is the sub-list for method output_type
-	35, // [35:42] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	28, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
+	27, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	28, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
+	27, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	3,  // 22: treaty.v1.TwoPhaseBranch.prepare:type_name -> treaty.v1.Call
+	3,  // 23: treaty.v1.TwoPhaseBranch.commit:type_name -> treaty.v1.Call
+	3,  // 24: treaty.v1.TwoPhaseBranch.rollback:type_name -> treaty.v1.Call
+	4,  // 25: treaty.v1.TwoPhaseBranch.retry:type_name -> treaty.v1.RetryPolicy
+	28, // 26: treaty.v1.TwoPhaseBranch.call_timeout:type_name -> google.protobuf.Duration
+	18, // 27: treaty.v1.Submit2PCRequest.branches:type_name -> treaty.v1.TwoPhaseBranch
+	28, // 28: treaty.v1.Submit2PCRequest.timeout:type_name -> google.protobuf.Duration
+	28, // 29: treaty.v1.Submit2PCRequest.wait:type_name -> google.protobuf.Duration
+	27, // 30: treaty.v1.Submit2PCResponse.transaction:type_name -> treaty.v1.Transaction
+	27, // 31: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	28, // 32: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
+	27, // 33: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	2,  // 34: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
+	29, // 35: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
+	29, // 36: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
+	0,  // 37: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
+	1,  // 38: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
+	29, // 39: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
+	29, // 40: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
+	29, // 41: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
+	25, // 42: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
+	26, // 43: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
+	7,  // 44: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
+	21, // 45: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
+	23, // 46: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
+	10, // 47: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
+	12, // 48: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
+	14, // 49: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
+	16, // 50: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
+	19, // 51: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
+	8,  // 52: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
+	22, // 53: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
+	24, // 54: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
+	11, // 55: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
+	13, // 56: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
+	15, // 57: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
+	17, // 58: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
+	20, // 59: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
+	52, // [52:60] is the sub-list for method output_type
+	44, // [44:52] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_treaty_v1_treaty_proto_init() }
@@ -1797,7 +2036,7 @@ func file_treaty_v1_treaty_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_treaty_v1_treaty_proto_rawDesc), len(file_treaty_v1_treaty_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

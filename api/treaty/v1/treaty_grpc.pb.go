@@ -30,6 +30,7 @@ const (
 	Coordinator_RegisterTCCBranch_FullMethodName = "/treaty.v1.Coordinator/RegisterTCCBranch"
 	Coordinator_CommitTCC_FullMethodName         = "/treaty.v1.Coordinator/CommitTCC"
 	Coordinator_RollbackTCC_FullMethodName       = "/treaty.v1.Coordinator/RollbackTCC"
+	Coordinator_Submit2PC_FullMethodName         = "/treaty.v1.Coordinator/Submit2PC"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -56,6 +57,9 @@ type CoordinatorClient interface {
 	CommitTCC(ctx context.Context, in *CommitTCCRequest, opts ...grpc.CallOption) (*CommitTCCResponse, error)
 	// RollbackTCC records the decision to cancel every registered branch and starts cancelling.
 	RollbackTCC(ctx context.Context, in *RollbackTCCRequest, opts ...grpc.CallOption) (*RollbackTCCResponse, error)
+	// Submit2PC stores a two-phase commit and drives it: prepare every participant; when all
+	// prepared, record the decision and commit all; otherwise roll back all. Idempotent on gid.
+	Submit2PC(ctx context.Context, in *Submit2PCRequest, opts ...grpc.CallOption) (*Submit2PCResponse, error)
 }
 
 type coordinatorClient struct {
@@ -136,6 +140,16 @@ func (c *coordinatorClient) RollbackTCC(ctx context.Context, in *RollbackTCCRequ
 	return out, nil
 }
 
+func (c *coordinatorClient) Submit2PC(ctx context.Context, in *Submit2PCRequest, opts ...grpc.CallOption) (*Submit2PCResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Submit2PCResponse)
+	err := c.cc.Invoke(ctx, Coordinator_Submit2PC_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -160,6 +174,9 @@ type CoordinatorServer interface {
 	CommitTCC(context.Context, *CommitTCCRequest) (*CommitTCCResponse, error)
 	// RollbackTCC records the decision to cancel every registered branch and starts cancelling.
 	RollbackTCC(context.Context, *RollbackTCCRequest) (*RollbackTCCResponse, error)
+	// Submit2PC stores a two-phase commit and drives it: prepare every participant; when all
+	// prepared, record the decision and commit all; otherwise roll back all. Idempotent on gid.
+	Submit2PC(context.Context, *Submit2PCRequest) (*Submit2PCResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -190,6 +207,9 @@ func (UnimplementedCoordinatorServer) CommitTCC(context.Context, *CommitTCCReque
 }
 func (UnimplementedCoordinatorServer) RollbackTCC(context.Context, *RollbackTCCRequest) (*RollbackTCCResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RollbackTCC not implemented")
+}
+func (UnimplementedCoordinatorServer) Submit2PC(context.Context, *Submit2PCRequest) (*Submit2PCResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Submit2PC not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -338,6 +358,24 @@ func _Coordinator_RollbackTCC_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_Submit2PC_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Submit2PCRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).Submit2PC(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_Submit2PC_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).Submit2PC(ctx, req.(*Submit2PCRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -372,6 +410,10 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RollbackTCC",
 			Handler:    _Coordinator_RollbackTCC_Handler,
+		},
+		{
+			MethodName: "Submit2PC",
+			Handler:    _Coordinator_Submit2PC_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
