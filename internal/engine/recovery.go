@@ -100,6 +100,12 @@ func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) 
 			return nil, err
 		}
 		m = tm
+	case "msg":
+		mm, err := e.msgFromRows(t, c.Branches)
+		if err != nil {
+			return nil, err
+		}
+		m = mm
 	default:
 		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
 	}

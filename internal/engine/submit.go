@@ -12,6 +12,7 @@ import (
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/pkg/msg"
 	"github.com/treatyhq/treaty/pkg/saga"
 	"github.com/treatyhq/treaty/pkg/tcc"
 	"github.com/treatyhq/treaty/pkg/twopc"
@@ -141,6 +142,9 @@ var statusToProto = map[string]treatyv1.Status{
 	string(twopc.PhaseRollingBack):  treatyv1.Status_STATUS_COMPENSATING,
 	string(twopc.PhaseCommitted):    treatyv1.Status_STATUS_SUCCEEDED,
 	string(twopc.PhaseRolledBack):   treatyv1.Status_STATUS_COMPENSATED,
+	string(msg.PhasePrepared):       treatyv1.Status_STATUS_RUNNING,
+	string(msg.PhaseDelivering):     treatyv1.Status_STATUS_COMMITTING,
+	string(msg.PhaseAborted):        treatyv1.Status_STATUS_COMPENSATED,
 	string(saga.PhaseRunning):       treatyv1.Status_STATUS_RUNNING,
 	string(saga.PhaseCompensating):  treatyv1.Status_STATUS_COMPENSATING,
 	string(saga.PhaseSucceeded):     treatyv1.Status_STATUS_SUCCEEDED,
@@ -160,6 +164,7 @@ var modeToProto = map[string]treatyv1.Mode{
 	"saga": treatyv1.Mode_MODE_SAGA,
 	"tcc":  treatyv1.Mode_MODE_TCC,
 	"2pc":  treatyv1.Mode_MODE_TWO_PHASE,
+	"msg":  treatyv1.Mode_MODE_MESSAGE,
 }
 
 func ts(t time.Time) *timestamppb.Timestamp {

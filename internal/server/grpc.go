@@ -183,6 +183,40 @@ func (c *Coordinator) Submit2PC(ctx context.Context, req *treatyv1.Submit2PCRequ
 	return &treatyv1.Submit2PCResponse{Transaction: tx, Existing: res.Existing}, nil
 }
 
+// PrepareMsg implements treatyv1.CoordinatorServer.
+func (c *Coordinator) PrepareMsg(ctx context.Context, req *treatyv1.PrepareMsgRequest) (*treatyv1.PrepareMsgResponse, error) {
+	res, err := c.Engine.PrepareMsg(ctx, req)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	tx, err := c.Engine.Get(ctx, res.GID)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.PrepareMsgResponse{Transaction: tx, Existing: res.Existing}, nil
+}
+
+// SubmitMsg implements treatyv1.CoordinatorServer.
+func (c *Coordinator) SubmitMsg(ctx context.Context, req *treatyv1.SubmitMsgRequest) (*treatyv1.SubmitMsgResponse, error) {
+	wait, err := optionalDuration("wait", req.Wait, req.Wait == nil, MaxWaitTimeout)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := c.Engine.SubmitMsg(ctx, req.Gid); err != nil {
+		return nil, toStatus(err)
+	}
+	var tx *treatyv1.Transaction
+	if wait > 0 {
+		tx, _, err = c.Engine.Wait(ctx, req.Gid, wait)
+	} else {
+		tx, err = c.Engine.Get(ctx, req.Gid)
+	}
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.SubmitMsgResponse{Transaction: tx}, nil
+}
+
 // toStatus maps domain errors to gRPC status codes: the one place that does.
 func toStatus(err error) error {
 	var inv *engine.InvalidArgumentError

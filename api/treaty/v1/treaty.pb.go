@@ -1281,6 +1281,296 @@ func (x *Submit2PCResponse) GetExisting() bool {
 	return false
 }
 
+// One delivery of a transactional message: a participant call made once the message is due.
+type MsgDelivery struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unique within the message; [A-Za-z0-9._:-], at most 64 bytes.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Call *Call  `protobuf:"bytes,2,opt,name=call,proto3" json:"call,omitempty"`
+	// Backoff of retries (deliveries never give up).
+	Retry         *RetryPolicy         `protobuf:"bytes,3,opt,name=retry,proto3" json:"retry,omitempty"`
+	CallTimeout   *durationpb.Duration `protobuf:"bytes,4,opt,name=call_timeout,json=callTimeout,proto3" json:"call_timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MsgDelivery) Reset() {
+	*x = MsgDelivery{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MsgDelivery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MsgDelivery) ProtoMessage() {}
+
+func (x *MsgDelivery) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MsgDelivery.ProtoReflect.Descriptor instead.
+func (*MsgDelivery) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *MsgDelivery) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MsgDelivery) GetCall() *Call {
+	if x != nil {
+		return x.Call
+	}
+	return nil
+}
+
+func (x *MsgDelivery) GetRetry() *RetryPolicy {
+	if x != nil {
+		return x.Retry
+	}
+	return nil
+}
+
+func (x *MsgDelivery) GetCallTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.CallTimeout
+	}
+	return nil
+}
+
+type PrepareMsgRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Gid        string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	Deliveries []*MsgDelivery         `protobuf:"bytes,2,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	// The application's endpoint that tells whether its local transaction committed (OK) or not
+	// (ABORTED); the SDK implements it from the barrier table.
+	QueryPrepared *Call `protobuf:"bytes,3,opt,name=query_prepared,json=queryPrepared,proto3" json:"query_prepared,omitempty"`
+	// How long to wait for SubmitMsg before asking query_prepared (default 30s).
+	Timeout       *durationpb.Duration `protobuf:"bytes,4,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareMsgRequest) Reset() {
+	*x = PrepareMsgRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareMsgRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareMsgRequest) ProtoMessage() {}
+
+func (x *PrepareMsgRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareMsgRequest.ProtoReflect.Descriptor instead.
+func (*PrepareMsgRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *PrepareMsgRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *PrepareMsgRequest) GetDeliveries() []*MsgDelivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
+func (x *PrepareMsgRequest) GetQueryPrepared() *Call {
+	if x != nil {
+		return x.QueryPrepared
+	}
+	return nil
+}
+
+func (x *PrepareMsgRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+type PrepareMsgResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	Existing      bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareMsgResponse) Reset() {
+	*x = PrepareMsgResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareMsgResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareMsgResponse) ProtoMessage() {}
+
+func (x *PrepareMsgResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareMsgResponse.ProtoReflect.Descriptor instead.
+func (*PrepareMsgResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *PrepareMsgResponse) GetTransaction() *Transaction {
+	if x != nil {
+		return x.Transaction
+	}
+	return nil
+}
+
+func (x *PrepareMsgResponse) GetExisting() bool {
+	if x != nil {
+		return x.Existing
+	}
+	return false
+}
+
+type SubmitMsgRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	Wait          *durationpb.Duration   `protobuf:"bytes,2,opt,name=wait,proto3" json:"wait,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitMsgRequest) Reset() {
+	*x = SubmitMsgRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitMsgRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitMsgRequest) ProtoMessage() {}
+
+func (x *SubmitMsgRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitMsgRequest.ProtoReflect.Descriptor instead.
+func (*SubmitMsgRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *SubmitMsgRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *SubmitMsgRequest) GetWait() *durationpb.Duration {
+	if x != nil {
+		return x.Wait
+	}
+	return nil
+}
+
+type SubmitMsgResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitMsgResponse) Reset() {
+	*x = SubmitMsgResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitMsgResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitMsgResponse) ProtoMessage() {}
+
+func (x *SubmitMsgResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitMsgResponse.ProtoReflect.Descriptor instead.
+func (*SubmitMsgResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *SubmitMsgResponse) GetTransaction() *Transaction {
+	if x != nil {
+		return x.Transaction
+	}
+	return nil
+}
+
 type GetTransactionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
@@ -1290,7 +1580,7 @@ type GetTransactionRequest struct {
 
 func (x *GetTransactionRequest) Reset() {
 	*x = GetTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1302,7 +1592,7 @@ func (x *GetTransactionRequest) String() string {
 func (*GetTransactionRequest) ProtoMessage() {}
 
 func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[18]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1315,7 +1605,7 @@ func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionRequest.ProtoReflect.Descriptor instead.
 func (*GetTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{18}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetTransactionRequest) GetGid() string {
@@ -1334,7 +1624,7 @@ type GetTransactionResponse struct {
 
 func (x *GetTransactionResponse) Reset() {
 	*x = GetTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1346,7 +1636,7 @@ func (x *GetTransactionResponse) String() string {
 func (*GetTransactionResponse) ProtoMessage() {}
 
 func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[19]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1359,7 +1649,7 @@ func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionResponse.ProtoReflect.Descriptor instead.
 func (*GetTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{19}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetTransactionResponse) GetTransaction() *Transaction {
@@ -1380,7 +1670,7 @@ type WaitTransactionRequest struct {
 
 func (x *WaitTransactionRequest) Reset() {
 	*x = WaitTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1682,7 @@ func (x *WaitTransactionRequest) String() string {
 func (*WaitTransactionRequest) ProtoMessage() {}
 
 func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[20]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1695,7 @@ func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionRequest.ProtoReflect.Descriptor instead.
 func (*WaitTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{20}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *WaitTransactionRequest) GetGid() string {
@@ -1433,7 +1723,7 @@ type WaitTransactionResponse struct {
 
 func (x *WaitTransactionResponse) Reset() {
 	*x = WaitTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1445,7 +1735,7 @@ func (x *WaitTransactionResponse) String() string {
 func (*WaitTransactionResponse) ProtoMessage() {}
 
 func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[21]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1458,7 +1748,7 @@ func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionResponse.ProtoReflect.Descriptor instead.
 func (*WaitTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{21}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WaitTransactionResponse) GetTransaction() *Transaction {
@@ -1490,7 +1780,7 @@ type Branch struct {
 
 func (x *Branch) Reset() {
 	*x = Branch{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[22]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1502,7 +1792,7 @@ func (x *Branch) String() string {
 func (*Branch) ProtoMessage() {}
 
 func (x *Branch) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[22]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1515,7 +1805,7 @@ func (x *Branch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Branch.ProtoReflect.Descriptor instead.
 func (*Branch) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{22}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Branch) GetName() string {
@@ -1575,7 +1865,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1587,7 +1877,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1600,7 +1890,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{23}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Event) GetId() int64 {
@@ -1665,7 +1955,7 @@ type Transaction struct {
 
 func (x *Transaction) Reset() {
 	*x = Transaction{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1677,7 +1967,7 @@ func (x *Transaction) String() string {
 func (*Transaction) ProtoMessage() {}
 
 func (x *Transaction) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1690,7 +1980,7 @@ func (x *Transaction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transaction.ProtoReflect.Descriptor instead.
 func (*Transaction) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{24}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Transaction) GetGid() string {
@@ -1838,7 +2128,27 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x04wait\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"i\n" +
 	"\x11Submit2PCResponse\x128\n" +
 	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\x12\x1a\n" +
-	"\bexisting\x18\x02 \x01(\bR\bexisting\")\n" +
+	"\bexisting\x18\x02 \x01(\bR\bexisting\"\xb2\x01\n" +
+	"\vMsgDelivery\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
+	"\x04call\x18\x02 \x01(\v2\x0f.treaty.v1.CallR\x04call\x12,\n" +
+	"\x05retry\x18\x03 \x01(\v2\x16.treaty.v1.RetryPolicyR\x05retry\x12<\n" +
+	"\fcall_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vcallTimeout\"\xca\x01\n" +
+	"\x11PrepareMsgRequest\x12\x10\n" +
+	"\x03gid\x18\x01 \x01(\tR\x03gid\x126\n" +
+	"\n" +
+	"deliveries\x18\x02 \x03(\v2\x16.treaty.v1.MsgDeliveryR\n" +
+	"deliveries\x126\n" +
+	"\x0equery_prepared\x18\x03 \x01(\v2\x0f.treaty.v1.CallR\rqueryPrepared\x123\n" +
+	"\atimeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"j\n" +
+	"\x12PrepareMsgResponse\x128\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\x12\x1a\n" +
+	"\bexisting\x18\x02 \x01(\bR\bexisting\"S\n" +
+	"\x10SubmitMsgRequest\x12\x10\n" +
+	"\x03gid\x18\x01 \x01(\tR\x03gid\x12-\n" +
+	"\x04wait\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"M\n" +
+	"\x11SubmitMsgResponse\x128\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\")\n" +
 	"\x15GetTransactionRequest\x12\x10\n" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\"R\n" +
 	"\x16GetTransactionResponse\x128\n" +
@@ -1899,7 +2209,7 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x15BRANCH_STATUS_UNKNOWN\x10\x02\x12\x1b\n" +
 	"\x17BRANCH_STATUS_SUCCEEDED\x10\x03\x12\x18\n" +
 	"\x14BRANCH_STATUS_FAILED\x10\x04\x12\x19\n" +
-	"\x15BRANCH_STATUS_SKIPPED\x10\x052\x8c\x05\n" +
+	"\x15BRANCH_STATUS_SKIPPED\x10\x052\x9f\x06\n" +
 	"\vCoordinator\x12I\n" +
 	"\n" +
 	"SubmitSaga\x12\x1c.treaty.v1.SubmitSagaRequest\x1a\x1d.treaty.v1.SubmitSagaResponse\x12U\n" +
@@ -1909,7 +2219,10 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x11RegisterTCCBranch\x12#.treaty.v1.RegisterTCCBranchRequest\x1a$.treaty.v1.RegisterTCCBranchResponse\x12F\n" +
 	"\tCommitTCC\x12\x1b.treaty.v1.CommitTCCRequest\x1a\x1c.treaty.v1.CommitTCCResponse\x12L\n" +
 	"\vRollbackTCC\x12\x1d.treaty.v1.RollbackTCCRequest\x1a\x1e.treaty.v1.RollbackTCCResponse\x12F\n" +
-	"\tSubmit2PC\x12\x1b.treaty.v1.Submit2PCRequest\x1a\x1c.treaty.v1.Submit2PCResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
+	"\tSubmit2PC\x12\x1b.treaty.v1.Submit2PCRequest\x1a\x1c.treaty.v1.Submit2PCResponse\x12I\n" +
+	"\n" +
+	"PrepareMsg\x12\x1c.treaty.v1.PrepareMsgRequest\x1a\x1d.treaty.v1.PrepareMsgResponse\x12F\n" +
+	"\tSubmitMsg\x12\x1b.treaty.v1.SubmitMsgRequest\x1a\x1c.treaty.v1.SubmitMsgResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
 
 var (
 	file_treaty_v1_treaty_proto_rawDescOnce sync.Once
@@ -1924,7 +2237,7 @@ func file_treaty_v1_treaty_proto_rawDescGZIP() []byte {
 }
 
 var file_treaty_v1_treaty_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_treaty_v1_treaty_proto_goTypes = []any{
 	(Mode)(0),                         // 0: treaty.v1.Mode
 	(Status)(0),                       // 1: treaty.v1.Status
@@ -1947,82 +2260,100 @@ var file_treaty_v1_treaty_proto_goTypes = []any{
 	(*TwoPhaseBranch)(nil),            // 18: treaty.v1.TwoPhaseBranch
 	(*Submit2PCRequest)(nil),          // 19: treaty.v1.Submit2PCRequest
 	(*Submit2PCResponse)(nil),         // 20: treaty.v1.Submit2PCResponse
-	(*GetTransactionRequest)(nil),     // 21: treaty.v1.GetTransactionRequest
-	(*GetTransactionResponse)(nil),    // 22: treaty.v1.GetTransactionResponse
-	(*WaitTransactionRequest)(nil),    // 23: treaty.v1.WaitTransactionRequest
-	(*WaitTransactionResponse)(nil),   // 24: treaty.v1.WaitTransactionResponse
-	(*Branch)(nil),                    // 25: treaty.v1.Branch
-	(*Event)(nil),                     // 26: treaty.v1.Event
-	(*Transaction)(nil),               // 27: treaty.v1.Transaction
-	(*durationpb.Duration)(nil),       // 28: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 29: google.protobuf.Timestamp
+	(*MsgDelivery)(nil),               // 21: treaty.v1.MsgDelivery
+	(*PrepareMsgRequest)(nil),         // 22: treaty.v1.PrepareMsgRequest
+	(*PrepareMsgResponse)(nil),        // 23: treaty.v1.PrepareMsgResponse
+	(*SubmitMsgRequest)(nil),          // 24: treaty.v1.SubmitMsgRequest
+	(*SubmitMsgResponse)(nil),         // 25: treaty.v1.SubmitMsgResponse
+	(*GetTransactionRequest)(nil),     // 26: treaty.v1.GetTransactionRequest
+	(*GetTransactionResponse)(nil),    // 27: treaty.v1.GetTransactionResponse
+	(*WaitTransactionRequest)(nil),    // 28: treaty.v1.WaitTransactionRequest
+	(*WaitTransactionResponse)(nil),   // 29: treaty.v1.WaitTransactionResponse
+	(*Branch)(nil),                    // 30: treaty.v1.Branch
+	(*Event)(nil),                     // 31: treaty.v1.Event
+	(*Transaction)(nil),               // 32: treaty.v1.Transaction
+	(*durationpb.Duration)(nil),       // 33: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 34: google.protobuf.Timestamp
 }
 var file_treaty_v1_treaty_proto_depIdxs = []int32{
-	28, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
-	28, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	33, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
+	33, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
 	3,  // 2: treaty.v1.SagaStep.action:type_name -> treaty.v1.Call
 	3,  // 3: treaty.v1.SagaStep.compensate:type_name -> treaty.v1.Call
 	4,  // 4: treaty.v1.SagaStep.retry:type_name -> treaty.v1.RetryPolicy
-	28, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
+	33, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
 	5,  // 6: treaty.v1.SagaSpec.steps:type_name -> treaty.v1.SagaStep
-	28, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
+	33, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
 	6,  // 8: treaty.v1.SubmitSagaRequest.saga:type_name -> treaty.v1.SagaSpec
-	28, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
-	27, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
+	33, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
+	32, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
 	3,  // 11: treaty.v1.TCCBranch.confirm:type_name -> treaty.v1.Call
 	3,  // 12: treaty.v1.TCCBranch.cancel:type_name -> treaty.v1.Call
 	4,  // 13: treaty.v1.TCCBranch.retry:type_name -> treaty.v1.RetryPolicy
-	28, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
-	28, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
-	27, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	33, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
+	33, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
+	32, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
 	9,  // 17: treaty.v1.RegisterTCCBranchRequest.branch:type_name -> treaty.v1.TCCBranch
-	28, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
-	27, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
-	28, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
-	27, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	33, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
+	32, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	33, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
+	32, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
 	3,  // 22: treaty.v1.TwoPhaseBranch.prepare:type_name -> treaty.v1.Call
 	3,  // 23: treaty.v1.TwoPhaseBranch.commit:type_name -> treaty.v1.Call
 	3,  // 24: treaty.v1.TwoPhaseBranch.rollback:type_name -> treaty.v1.Call
 	4,  // 25: treaty.v1.TwoPhaseBranch.retry:type_name -> treaty.v1.RetryPolicy
-	28, // 26: treaty.v1.TwoPhaseBranch.call_timeout:type_name -> google.protobuf.Duration
+	33, // 26: treaty.v1.TwoPhaseBranch.call_timeout:type_name -> google.protobuf.Duration
 	18, // 27: treaty.v1.Submit2PCRequest.branches:type_name -> treaty.v1.TwoPhaseBranch
-	28, // 28: treaty.v1.Submit2PCRequest.timeout:type_name -> google.protobuf.Duration
-	28, // 29: treaty.v1.Submit2PCRequest.wait:type_name -> google.protobuf.Duration
-	27, // 30: treaty.v1.Submit2PCResponse.transaction:type_name -> treaty.v1.Transaction
-	27, // 31: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	28, // 32: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
-	27, // 33: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	2,  // 34: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
-	29, // 35: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
-	29, // 36: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
-	0,  // 37: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
-	1,  // 38: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
-	29, // 39: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
-	29, // 40: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
-	29, // 41: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
-	25, // 42: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
-	26, // 43: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
-	7,  // 44: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
-	21, // 45: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
-	23, // 46: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
-	10, // 47: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
-	12, // 48: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
-	14, // 49: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
-	16, // 50: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
-	19, // 51: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
-	8,  // 52: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
-	22, // 53: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
-	24, // 54: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
-	11, // 55: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
-	13, // 56: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
-	15, // 57: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
-	17, // 58: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
-	20, // 59: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
-	52, // [52:60] is the sub-list for method output_type
-	44, // [44:52] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	33, // 28: treaty.v1.Submit2PCRequest.timeout:type_name -> google.protobuf.Duration
+	33, // 29: treaty.v1.Submit2PCRequest.wait:type_name -> google.protobuf.Duration
+	32, // 30: treaty.v1.Submit2PCResponse.transaction:type_name -> treaty.v1.Transaction
+	3,  // 31: treaty.v1.MsgDelivery.call:type_name -> treaty.v1.Call
+	4,  // 32: treaty.v1.MsgDelivery.retry:type_name -> treaty.v1.RetryPolicy
+	33, // 33: treaty.v1.MsgDelivery.call_timeout:type_name -> google.protobuf.Duration
+	21, // 34: treaty.v1.PrepareMsgRequest.deliveries:type_name -> treaty.v1.MsgDelivery
+	3,  // 35: treaty.v1.PrepareMsgRequest.query_prepared:type_name -> treaty.v1.Call
+	33, // 36: treaty.v1.PrepareMsgRequest.timeout:type_name -> google.protobuf.Duration
+	32, // 37: treaty.v1.PrepareMsgResponse.transaction:type_name -> treaty.v1.Transaction
+	33, // 38: treaty.v1.SubmitMsgRequest.wait:type_name -> google.protobuf.Duration
+	32, // 39: treaty.v1.SubmitMsgResponse.transaction:type_name -> treaty.v1.Transaction
+	32, // 40: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	33, // 41: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
+	32, // 42: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	2,  // 43: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
+	34, // 44: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
+	34, // 45: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
+	0,  // 46: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
+	1,  // 47: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
+	34, // 48: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
+	34, // 49: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
+	34, // 50: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
+	30, // 51: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
+	31, // 52: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
+	7,  // 53: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
+	26, // 54: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
+	28, // 55: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
+	10, // 56: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
+	12, // 57: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
+	14, // 58: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
+	16, // 59: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
+	19, // 60: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
+	22, // 61: treaty.v1.Coordinator.PrepareMsg:input_type -> treaty.v1.PrepareMsgRequest
+	24, // 62: treaty.v1.Coordinator.SubmitMsg:input_type -> treaty.v1.SubmitMsgRequest
+	8,  // 63: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
+	27, // 64: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
+	29, // 65: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
+	11, // 66: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
+	13, // 67: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
+	15, // 68: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
+	17, // 69: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
+	20, // 70: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
+	23, // 71: treaty.v1.Coordinator.PrepareMsg:output_type -> treaty.v1.PrepareMsgResponse
+	25, // 72: treaty.v1.Coordinator.SubmitMsg:output_type -> treaty.v1.SubmitMsgResponse
+	63, // [63:73] is the sub-list for method output_type
+	53, // [53:63] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_treaty_v1_treaty_proto_init() }
@@ -2036,7 +2367,7 @@ func file_treaty_v1_treaty_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_treaty_v1_treaty_proto_rawDesc), len(file_treaty_v1_treaty_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   25,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,8 @@ const (
 	Coordinator_CommitTCC_FullMethodName         = "/treaty.v1.Coordinator/CommitTCC"
 	Coordinator_RollbackTCC_FullMethodName       = "/treaty.v1.Coordinator/RollbackTCC"
 	Coordinator_Submit2PC_FullMethodName         = "/treaty.v1.Coordinator/Submit2PC"
+	Coordinator_PrepareMsg_FullMethodName        = "/treaty.v1.Coordinator/PrepareMsg"
+	Coordinator_SubmitMsg_FullMethodName         = "/treaty.v1.Coordinator/SubmitMsg"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -60,6 +62,12 @@ type CoordinatorClient interface {
 	// Submit2PC stores a two-phase commit and drives it: prepare every participant; when all
 	// prepared, record the decision and commit all; otherwise roll back all. Idempotent on gid.
 	Submit2PC(ctx context.Context, in *Submit2PCRequest, opts ...grpc.CallOption) (*Submit2PCResponse, error)
+	// PrepareMsg stores a transactional message (its deliveries) before the application's local
+	// transaction. Idempotent on gid.
+	PrepareMsg(ctx context.Context, in *PrepareMsgRequest, opts ...grpc.CallOption) (*PrepareMsgResponse, error)
+	// SubmitMsg says the local transaction committed: deliver, at least once, until every delivery
+	// succeeded. A message never submitted is resolved at its timeout through query_prepared.
+	SubmitMsg(ctx context.Context, in *SubmitMsgRequest, opts ...grpc.CallOption) (*SubmitMsgResponse, error)
 }
 
 type coordinatorClient struct {
@@ -150,6 +158,26 @@ func (c *coordinatorClient) Submit2PC(ctx context.Context, in *Submit2PCRequest,
 	return out, nil
 }
 
+func (c *coordinatorClient) PrepareMsg(ctx context.Context, in *PrepareMsgRequest, opts ...grpc.CallOption) (*PrepareMsgResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PrepareMsgResponse)
+	err := c.cc.Invoke(ctx, Coordinator_PrepareMsg_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) SubmitMsg(ctx context.Context, in *SubmitMsgRequest, opts ...grpc.CallOption) (*SubmitMsgResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SubmitMsgResponse)
+	err := c.cc.Invoke(ctx, Coordinator_SubmitMsg_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -177,6 +205,12 @@ type CoordinatorServer interface {
 	// Submit2PC stores a two-phase commit and drives it: prepare every participant; when all
 	// prepared, record the decision and commit all; otherwise roll back all. Idempotent on gid.
 	Submit2PC(context.Context, *Submit2PCRequest) (*Submit2PCResponse, error)
+	// PrepareMsg stores a transactional message (its deliveries) before the application's local
+	// transaction. Idempotent on gid.
+	PrepareMsg(context.Context, *PrepareMsgRequest) (*PrepareMsgResponse, error)
+	// SubmitMsg says the local transaction committed: deliver, at least once, until every delivery
+	// succeeded. A message never submitted is resolved at its timeout through query_prepared.
+	SubmitMsg(context.Context, *SubmitMsgRequest) (*SubmitMsgResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -210,6 +244,12 @@ func (UnimplementedCoordinatorServer) RollbackTCC(context.Context, *RollbackTCCR
 }
 func (UnimplementedCoordinatorServer) Submit2PC(context.Context, *Submit2PCRequest) (*Submit2PCResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Submit2PC not implemented")
+}
+func (UnimplementedCoordinatorServer) PrepareMsg(context.Context, *PrepareMsgRequest) (*PrepareMsgResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PrepareMsg not implemented")
+}
+func (UnimplementedCoordinatorServer) SubmitMsg(context.Context, *SubmitMsgRequest) (*SubmitMsgResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SubmitMsg not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -376,6 +416,42 @@ func _Coordinator_Submit2PC_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_PrepareMsg_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PrepareMsgRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).PrepareMsg(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_PrepareMsg_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).PrepareMsg(ctx, req.(*PrepareMsgRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_SubmitMsg_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SubmitMsgRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).SubmitMsg(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_SubmitMsg_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).SubmitMsg(ctx, req.(*SubmitMsgRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -414,6 +490,14 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Submit2PC",
 			Handler:    _Coordinator_Submit2PC_Handler,
+		},
+		{
+			MethodName: "PrepareMsg",
+			Handler:    _Coordinator_PrepareMsg_Handler,
+		},
+		{
+			MethodName: "SubmitMsg",
+			Handler:    _Coordinator_SubmitMsg_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
