@@ -1,47 +1,6 @@
 package invoke
 
-import (
-	"fmt"
+import "github.com/treatyhq/treaty/pkg/rawcodec"
 
-	"google.golang.org/grpc/encoding"
-	"google.golang.org/grpc/mem"
-)
-
-// RawCodec is a gRPC codec that passes bytes through untouched: Marshal takes a []byte (or
-// *[]byte) that already holds a serialized protobuf, and Unmarshal fills a *[]byte with the wire
-// bytes. Its Name is "proto", so the wire content-type is application/grpc+proto and any ordinary
-// server decodes the request with its generated code.
-//
-// Use it per call (grpc.ForceCodecV2) or per server (grpc.ForceServerCodecV2), never with
-// encoding.RegisterCodecV2: registering it would replace the process's real proto codec.
-type RawCodec struct{}
-
-var _ encoding.CodecV2 = RawCodec{}
-
-// Name returns "proto", the content-subtype of the messages this codec carries.
-func (RawCodec) Name() string { return "proto" }
-
-// Marshal returns b as is; gRPC only reads it, so no copy is made.
-func (RawCodec) Marshal(v any) (mem.BufferSlice, error) {
-	switch b := v.(type) {
-	case []byte:
-		return mem.BufferSlice{mem.SliceBuffer(b)}, nil
-	case *[]byte:
-		if b == nil {
-			return nil, fmt.Errorf("invoke: raw codec: cannot marshal a nil *[]byte")
-		}
-		return mem.BufferSlice{mem.SliceBuffer(*b)}, nil
-	default:
-		return nil, fmt.Errorf("invoke: raw codec: cannot marshal %T, want []byte", v)
-	}
-}
-
-// Unmarshal copies the wire bytes into *v, since gRPC frees data as soon as this returns.
-func (RawCodec) Unmarshal(data mem.BufferSlice, v any) error {
-	b, ok := v.(*[]byte)
-	if !ok || b == nil {
-		return fmt.Errorf("invoke: raw codec: cannot unmarshal into %T, want a non-nil *[]byte", v)
-	}
-	*b = data.Materialize()
-	return nil
-}
+// RawCodec passes serialized protobuf bytes through; see package rawcodec.
+type RawCodec = rawcodec.Codec
