@@ -96,7 +96,7 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 func migrateCmd(ctx context.Context, args []string, env Env) error {
 	var db string
 	var to int
-	f := newFlags("migrate", "coordinator migrate: apply the embedded schema migrations (under an advisory lock;\nrunning it twice is a no-op).", env.Stderr)
+	f := newFlags("migrate", "coordinator migrate: apply the embedded schema migrations (under an advisory lock;\nrunning it twice is a no-op).", env.Stderr, env.Stdout)
 	f.String(&db, "db", "", "PostgreSQL URL, e.g. postgres://user@host:5432/treaty")
 	f.Int(&to, "to", -1, "migrate up or down to this version instead of the latest (-1 = latest)")
 	if err := f.parse(args, env.Getenv); err != nil {
@@ -139,7 +139,7 @@ type serveConfig struct {
 
 func serve(ctx context.Context, args []string, env Env) error {
 	var c serveConfig
-	f := newFlags("serve", "coordinator serve: serve the treaty.v1 gRPC API (with health checking and reflection)\nand drive transactions to completion, recovering work that other replicas left behind.", env.Stderr)
+	f := newFlags("serve", "coordinator serve: serve the treaty.v1 gRPC API (with health checking and reflection)\nand drive transactions to completion, recovering work that other replicas left behind.", env.Stderr, env.Stdout)
 	f.String(&c.db, "db", "", "PostgreSQL URL (required), e.g. postgres://user@host:5432/treaty")
 	f.String(&c.listen, "listen", ":7600", "gRPC listen address")
 	f.String(&c.owner, "owner", "", "replica id used in leases (default host-pid-random)")

@@ -15,12 +15,13 @@ import (
 type flags struct {
 	fs   *flag.FlagSet
 	env  map[string]string // flag name -> env var
-	name string
-	doc  string
+	name   string
+	doc    string
+	stdout io.Writer
 }
 
-func newFlags(name, doc string, out io.Writer) *flags {
-	f := &flags{fs: flag.NewFlagSet(name, flag.ContinueOnError), env: map[string]string{}, name: name, doc: doc}
+func newFlags(name, doc string, out, stdout io.Writer) *flags {
+	f := &flags{fs: flag.NewFlagSet(name, flag.ContinueOnError), env: map[string]string{}, name: name, doc: doc, stdout: stdout}
 	f.fs.SetOutput(out)
 	f.fs.Usage = f.usage
 	return f
@@ -53,6 +54,12 @@ func (f *flags) Bool(p *bool, name string, def bool, usage string) {
 // parse reads the command line, then fills every flag not given there from its environment
 // variable.
 func (f *flags) parse(args []string, getenv func(string) string) error {
+	for _, a := range args {
+		if a == "-h" || a == "-help" || a == "--help" || a == "--h" {
+			// Asked for help: it goes to stdout so that `coordinator serve --help | less` works.
+			f.fs.SetOutput(f.stdout)
+		}
+	}
 	if err := f.fs.Parse(args); err != nil {
 		return err
 	}
@@ -64,7 +71,7 @@ func (f *flags) parse(args []string, getenv func(string) string) error {
 		}
 		if v := getenv(env); v != "" {
 			if err := f.fs.Set(name, v); err != nil {
-				return fmt.Errorf("%s=%q: %w", env, v, err)
+				return fmt.Errorf("%s=%q: %w (want %s, as for --%s)", env, v, err, kindOf(f.fs.Lookup(name)), name)
 			}
 		}
 	}
@@ -91,3 +98,16 @@ func (f *flags) usage() {
 }
 
 func getenvOS(k string) string { return os.Getenv(k) }
+
+// kindOf describes what a flag's value looks like, for error messages.
+func kindOf(fl *flag.Flag) string {
+	switch fl.Value.(flag.Getter).Get().(type) {
+	case time.Duration:
+		return "a duration such as 10s or 1m30s"
+	case int:
+		return "an integer"
+	case bool:
+		return "true or false"
+	}
+	return "a string"
+}

@@ -50,6 +50,10 @@ func New(fsys fs.FS, table string, replace func(string) string) (*Migrator, erro
 	for _, e := range entries {
 		m := fileRE.FindStringSubmatch(e.Name())
 		if m == nil {
+			if strings.HasSuffix(e.Name(), ".sql") {
+				// A typo'd name would otherwise be skipped and its migration never run.
+				return nil, fmt.Errorf("migration file %q: want NNN_name.up.sql or NNN_name.down.sql (name in [a-z0-9_])", e.Name())
+			}
 			continue
 		}
 		v, _ := strconv.Atoi(m[1])
@@ -62,6 +66,9 @@ func New(fsys fs.FS, table string, replace func(string) string) (*Migrator, erro
 			sql = replace(sql)
 		}
 		mg := byVersion[v]
+		if mg != nil && ((m[3] == "up" && mg.Up != "") || (m[3] == "down" && mg.Down != "")) {
+			return nil, fmt.Errorf("migration %d has two %s files (%s and another spelling)", v, m[3], e.Name())
+		}
 		if mg == nil {
 			mg = &Migration{Version: v, Name: m[2]}
 			byVersion[v] = mg
