@@ -13,8 +13,8 @@ import (
 // flags is a flag.FlagSet where every flag also reads a TREATY_* environment variable. The
 // command line wins over the environment, which wins over the default.
 type flags struct {
-	fs   *flag.FlagSet
-	env  map[string]string // flag name -> env var
+	fs     *flag.FlagSet
+	env    map[string]string // flag name -> env var
 	name   string
 	doc    string
 	stdout io.Writer
