@@ -137,10 +137,12 @@ func Decide(s State, commit bool, reason string) (State, []Event, error) {
 		return s, nil, nil
 	case !commit && (s.Phase == PhaseCancelling || s.Phase == PhaseCancelled):
 		return s, nil, nil
+	case s.Phase == PhaseNeedsOperator:
+		// Reached from confirming or from cancelling, and the phase no longer says which: a
+		// commit must not be told the transaction was cancelled when its confirms are stuck.
+		return s, nil, fmt.Errorf("transaction needs an operator: %s", s.Reason)
 	case commit:
 		return s, nil, fmt.Errorf("%w (%s): %s", ErrCancelled, s.Phase, s.Reason)
-	case s.Phase == PhaseNeedsOperator:
-		return s, nil, fmt.Errorf("transaction needs an operator: %s", s.Reason)
 	}
 	return s, nil, fmt.Errorf("%w (%s)", ErrConfirmed, s.Phase)
 }
