@@ -1,0 +1,202 @@
+// Package sdk is Treaty's Go client: it submits sagas, runs TCC transactions, two-phase commits
+// and transactional messages through a Treaty coordinator, and waits for their outcome.
+//
+// A client talks to the coordinator only through its gRPC API (treaty.v1). Participants use the
+// helpers in sdk/participant (barrier, metadata interceptor, prepared transactions).
+//
+//	c, err := sdk.Dial(ctx, sdk.Options{Address: "localhost:7600"})
+//	tx, err := c.Saga(ctx, sdk.Saga{Steps: []sdk.Step{{
+//		Name:       "flight",
+//		Action:     sdk.MustCall("flights:9001", flightv1.Flights_Reserve_FullMethodName, &flightv1.ReserveRequest{Trip: "t1"}),
+//		Compensate: sdk.MustCall("flights:9001", flightv1.Flights_Cancel_FullMethodName, &flightv1.CancelRequest{Trip: "t1"}),
+//	}}})
+package sdk
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+)
+
+// Options configure a Client. Zero values mean the documented defaults.
+type Options struct {
+	// Address of the coordinator, host:port. Required.
+	Address string
+	// TLS enables transport security with this configuration; nil means plaintext.
+	TLS *tls.Config
+	// Token, when set, is sent as "authorization: Bearer <token>" on every call.
+	Token string
+	// CallTimeout bounds one RPC to the coordinator (not the transaction); default 10s.
+	CallTimeout time.Duration
+	// Retries is how often an RPC that failed with UNAVAILABLE (a coordinator restarting or
+	// unreachable) is retried, with backoff; default 4. Every RPC the SDK makes is idempotent:
+	// it always sends a gid.
+	Retries int
+	// DialOptions are appended to the SDK's own (credentials, codecs).
+	DialOptions []grpc.DialOption
+	// Logger receives retry notices; nil discards them.
+	Logger *slog.Logger
+}
+
+// Client is a connection to a coordinator. It is safe for concurrent use; Close it when done.
+type Client struct {
+	opts Options
+	conn *grpc.ClientConn
+	api  treatyv1.CoordinatorClient
+	log  *slog.Logger
+
+	// Participant connections for calls the client makes itself (TCC tries).
+	pmu   sync.Mutex
+	pconn map[string]*grpc.ClientConn
+}
+
+// Dial connects to a coordinator. The connection is lazy: Dial fails only on bad options.
+func Dial(ctx context.Context, opts Options) (*Client, error) {
+	if opts.Address == "" {
+		return nil, fmt.Errorf("sdk: Options.Address is required: %w", ErrInvalidArgument)
+	}
+	if opts.CallTimeout <= 0 {
+		opts.CallTimeout = 10 * time.Second
+	}
+	if opts.Retries <= 0 {
+		opts.Retries = 4
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	creds := insecure.NewCredentials()
+	if opts.TLS != nil {
+		creds = credentials.NewTLS(opts.TLS)
+	}
+	dopts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, opts.DialOptions...)
+	if opts.Token != "" {
+		dopts = append(dopts, grpc.WithPerRPCCredentials(bearer{token: opts.Token, secure: opts.TLS != nil}))
+	}
+	conn, err := grpc.NewClient(opts.Address, dopts...)
+	if err != nil {
+		return nil, fmt.Errorf("sdk: dial %s: %w", opts.Address, err)
+	}
+	return &Client{opts: opts, conn: conn, api: treatyv1.NewCoordinatorClient(conn), log: opts.Logger, pconn: map[string]*grpc.ClientConn{}}, nil
+}
+
+// Close closes the coordinator connection and any participant connections.
+func (c *Client) Close() error {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	for _, pc := range c.pconn {
+		_ = pc.Close()
+	}
+	c.pconn = map[string]*grpc.ClientConn{}
+	return c.conn.Close()
+}
+
+// API returns the raw gRPC client, for what the SDK does not wrap.
+func (c *Client) API() treatyv1.CoordinatorClient { return c.api }
+
+type bearer struct {
+	token  string
+	secure bool
+}
+
+func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + b.token}, nil
+}
+
+func (b bearer) RequireTransportSecurity() bool { return b.secure }
+
+// rpc runs one idempotent coordinator call with the per-call timeout, retrying UNAVAILABLE.
+func rpc[T any](ctx context.Context, c *Client, name string, extra time.Duration, f func(ctx context.Context) (T, error)) (T, error) {
+	var zero T
+	backoff := 100 * time.Millisecond
+	for attempt := 0; ; attempt++ {
+		cctx, cancel := context.WithTimeout(ctx, c.opts.CallTimeout+extra)
+		res, err := f(cctx)
+		cancel()
+		if err == nil {
+			return res, nil
+		}
+		if status.Code(err) != codes.Unavailable || attempt >= c.opts.Retries || ctx.Err() != nil {
+			return zero, fromStatus(name, err)
+		}
+		c.log.Warn("sdk: coordinator unavailable; retrying", "rpc", name, "attempt", attempt+1, "err", err)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return zero, fromStatus(name, ctx.Err())
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+// NewGID returns a fresh, time-ordered gid (UUIDv7).
+func NewGID() string {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return uuid.NewString()
+	}
+	return id.String()
+}
+
+// Get returns a transaction with its branches and history.
+func (c *Client) Get(ctx context.Context, gid string) (*Transaction, error) {
+	res, err := rpc(ctx, c, "GetTransaction", 0, func(ctx context.Context) (*treatyv1.GetTransactionResponse, error) {
+		return c.api.GetTransaction(ctx, &treatyv1.GetTransactionRequest{Gid: gid})
+	})
+	if err != nil {
+		return nil, err
+	}
+	return newTransaction(res.Transaction), nil
+}
+
+// Wait blocks until the transaction is terminal or timeout passes (then ErrTimeout).
+func (c *Client) Wait(ctx context.Context, gid string, timeout time.Duration) (*Transaction, error) {
+	res, err := rpc(ctx, c, "WaitTransaction", timeout, func(ctx context.Context) (*treatyv1.WaitTransactionResponse, error) {
+		return c.api.WaitTransaction(ctx, &treatyv1.WaitTransactionRequest{Gid: gid, Timeout: durationOrNil(timeout)})
+	})
+	if err != nil {
+		return nil, err
+	}
+	tx := newTransaction(res.Transaction)
+	if !res.Terminal {
+		return tx, fmt.Errorf("transaction %q still %s after %s: %w", gid, tx.Phase, timeout, ErrTimeout)
+	}
+	return tx, nil
+}
+
+// participant returns a cached connection to a participant address, for calls the client makes
+// itself. It uses the same credentials as the coordinator connection.
+func (c *Client) participant(addr string) (*grpc.ClientConn, error) {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if pc, ok := c.pconn[addr]; ok {
+		return pc, nil
+	}
+	creds := insecure.NewCredentials()
+	if c.opts.TLS != nil {
+		creds = credentials.NewTLS(c.opts.TLS)
+	}
+	pc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		return nil, fmt.Errorf("sdk: dial participant %s: %w", addr, err)
+	}
+	c.pconn[addr] = pc
+	return pc, nil
+}
+
+func withTreatyMetadata(ctx context.Context, gid, branch, op, mode string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx,
+		"x-treaty-gid", gid, "x-treaty-branch", branch, "x-treaty-op", op, "x-treaty-mode", mode)
+}

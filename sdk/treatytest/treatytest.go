@@ -1,0 +1,105 @@
+// Package treatytest starts a real Treaty coordinator for a test: on a fresh PostgreSQL database
+// of its own, serving gRPC on loopback, stopped when the test ends. It is the one package of the
+// SDK that reaches into the coordinator's internals, so that a user's test of a saga against a
+// real coordinator takes three lines:
+//
+//	coord := treatytest.Start(t, treatytest.Options{})
+//	client := coord.Client(t)
+//	tx, err := client.Saga(ctx, sdk.Saga{...})
+//
+// The database comes from TREATY_TEST_DATABASE_URL when it is set, otherwise from a throwaway
+// cluster built from local PostgreSQL binaries, otherwise from Docker (see internal/pgtest).
+package treatytest
+
+import (
+	"context"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/pgtest"
+	"github.com/treatyhq/treaty/sdk"
+)
+
+// Options tune the test coordinator. Zero values suit tests: a short lease and a fast recovery
+// loop so that recovery paths run in well under a second.
+type Options struct {
+	// DatabaseURL uses this database instead of creating one (it must be migrated or empty).
+	DatabaseURL string
+	// Lease, RecoveryInterval and OperatorThreshold default to 2s, 100ms and 5.
+	Lease             time.Duration
+	RecoveryInterval  time.Duration
+	OperatorThreshold int
+	// Logger receives the coordinator's logs; nil discards them.
+	Logger *slog.Logger
+}
+
+// Coordinator is a running test coordinator.
+type Coordinator struct {
+	// Addr is the gRPC address, host:port.
+	Addr string
+	// DatabaseURL is the database it uses.
+	DatabaseURL string
+	app         *app.App
+}
+
+// Start starts a coordinator for t and stops it when t ends.
+func Start(t testing.TB, opts Options) *Coordinator {
+	t.Helper()
+	db := opts.DatabaseURL
+	if db == "" {
+		db = pgtest.NewDatabase(t)
+	}
+	ec := engine.Config{Lease: opts.Lease, RecoveryInterval: opts.RecoveryInterval, OperatorThreshold: opts.OperatorThreshold}
+	if ec.Lease == 0 {
+		ec.Lease = 2 * time.Second
+	}
+	if ec.RecoveryInterval == 0 {
+		ec.RecoveryInterval = 100 * time.Millisecond
+	}
+	if ec.OperatorThreshold == 0 {
+		ec.OperatorThreshold = 5
+	}
+	a, err := app.Start(context.Background(), app.Config{DB: db, Listen: "127.0.0.1:0", Migrate: true, Engine: ec, Logger: opts.Logger})
+	if err != nil {
+		t.Fatalf("treatytest: start coordinator: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := a.Stop(ctx); err != nil {
+			t.Errorf("treatytest: stop coordinator: %v", err)
+		}
+	})
+	return &Coordinator{Addr: a.Addr, DatabaseURL: db, app: a}
+}
+
+// Client returns an SDK client connected to the coordinator, closed when t ends.
+func (c *Coordinator) Client(t testing.TB) *sdk.Client {
+	t.Helper()
+	cl, err := sdk.Dial(context.Background(), sdk.Options{Address: c.Addr})
+	if err != nil {
+		t.Fatalf("treatytest: dial: %v", err)
+	}
+	t.Cleanup(func() { _ = cl.Close() })
+	return cl
+}
+
+// RequireSucceeded fails t unless the transaction gid ends succeeded within timeout.
+func (c *Coordinator) RequireSucceeded(t testing.TB, cl *sdk.Client, gid string, timeout time.Duration) *sdk.Transaction {
+	t.Helper()
+	tx, err := cl.Wait(context.Background(), gid, timeout)
+	if err != nil {
+		t.Fatalf("treatytest: transaction %q: %v", gid, err)
+	}
+	if tx.Status != sdk.StatusSucceeded {
+		t.Fatalf("treatytest: transaction %q is %s (%s): %s", gid, tx.Status, tx.Phase, tx.Reason)
+	}
+	return tx
+}
+
+// WrapTestMain runs m and stops the throwaway PostgreSQL cluster if one was started. Call it
+// from TestMain: os.Exit(treatytest.WrapTestMain(m)).
+func WrapTestMain(m *testing.M) int { return pgtest.WrapTestMain(m) }
