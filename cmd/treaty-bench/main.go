@@ -26,7 +26,8 @@ type command struct {
 // variable, so nothing can change the table at run time.
 func commands() map[string]command {
 	return map[string]command{
-		"saga": {"saga coordinator throughput and latency against the PostgreSQL commit ceiling", bench.SagaMain},
+		"saga":   {"saga coordinator throughput and latency against the PostgreSQL commit ceiling", bench.SagaMain},
+		"outbox": {"outbox relay throughput and commit-to-ack latency against the PostgreSQL commit rate", bench.OutboxMain},
 	}
 }
 
