@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
@@ -379,4 +380,24 @@ func TestBadInputRejectedAndNothingWritten(t *testing.T) {
 	require.Zero(t, n, "a rejected request must write nothing")
 	require.NoError(t, b.pool.QueryRow(context.Background(), "SELECT count(*) FROM treaty_events").Scan(&n))
 	require.Zero(t, n)
+}
+
+func TestSubmitRefusedAtCapacity(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	b := setup(t, setupOpts{engine: engine.Config{MaxActive: 1}, script: func(ctx context.Context, c testparticipant.Call) error {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return nil
+	}})
+	_, err := b.client.SubmitSaga(context.Background(), &treatyv1.SubmitSagaRequest{Gid: "cap-1", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("x")}}})
+	require.NoError(t, err)
+	_, err = b.client.SubmitSaga(context.Background(), &treatyv1.SubmitSagaRequest{Gid: "cap-2", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("x")}}})
+	require.Equal(t, codes.ResourceExhausted, status.Code(err))
+	require.Contains(t, err.Error(), "max-active")
+	close(release)
+	_, err = b.client.WaitTransaction(context.Background(), &treatyv1.WaitTransactionRequest{Gid: "cap-2"})
+	require.Equal(t, codes.NotFound, status.Code(err), "a refused request writes nothing")
 }

@@ -218,6 +218,19 @@ func (e *Engine) Stop(ctx context.Context) error {
 	return err
 }
 
+// admit refuses new work while stopping or at capacity, before anything is written.
+func (e *Engine) admit() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.stopping {
+		return ErrStopping
+	}
+	if len(e.active) >= e.cfg.MaxActive {
+		return fmt.Errorf("%w: driving %d transactions (--max-active)", ErrOverloaded, len(e.active))
+	}
+	return nil
+}
+
 func (e *Engine) isStopping() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()

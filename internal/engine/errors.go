@@ -13,6 +13,8 @@ var (
 	ErrNotFound = errors.New("not found")
 	// ErrStopping: the engine is shutting down and accepts no new work.
 	ErrStopping = errors.New("coordinator is shutting down")
+	// ErrOverloaded: this replica drives MaxActive transactions already; retry later or elsewhere.
+	ErrOverloaded = errors.New("coordinator at capacity")
 )
 
 // InvalidArgumentError names the offending field and what was expected. Nothing is written for a

@@ -113,8 +113,8 @@ func (e *Engine) PrepareMsg(ctx context.Context, req *treatyv1.PrepareMsgRequest
 	if err != nil {
 		return SubmitResult{}, err
 	}
-	if e.isStopping() {
-		return SubmitResult{}, ErrStopping
+	if err := e.admit(); err != nil {
+		return SubmitResult{}, err
 	}
 	stored := proto.Clone(req).(*treatyv1.PrepareMsgRequest)
 	stored.Gid = ""
@@ -152,8 +152,8 @@ func (e *Engine) SubmitMsg(ctx context.Context, gid string) error {
 	if err := ValidateGID(gid); err != nil {
 		return err
 	}
-	if e.isStopping() {
-		return ErrStopping
+	if err := e.admit(); err != nil {
+		return err
 	}
 	sent := time.Now()
 	res, err := e.cfg.Store.Transition(ctx, store.TransitionParams{

@@ -35,8 +35,8 @@ func (e *Engine) SubmitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	if err != nil {
 		return SubmitResult{}, err
 	}
-	if e.isStopping() {
-		return SubmitResult{}, ErrStopping
+	if err := e.admit(); err != nil {
+		return SubmitResult{}, err
 	}
 	raw, hash, err := encodeSpec(spec)
 	if err != nil {

@@ -90,8 +90,8 @@ func (e *Engine) BeginTCC(ctx context.Context, gid string, timeout time.Duration
 	if timeout > e.cfg.Limits.MaxTimeout {
 		return SubmitResult{}, invalid("timeout", "is %s, limit %s", timeout, e.cfg.Limits.MaxTimeout)
 	}
-	if e.isStopping() {
-		return SubmitResult{}, ErrStopping
+	if err := e.admit(); err != nil {
+		return SubmitResult{}, err
 	}
 	spec := &treatyv1.BeginTCCRequest{Timeout: nil}
 	raw, hash, err := encodeSpec(spec)
@@ -184,8 +184,8 @@ func (e *Engine) DecideTCC(ctx context.Context, gid string, commit bool, reason 
 	if err := ValidateGID(gid); err != nil {
 		return err
 	}
-	if e.isStopping() {
-		return ErrStopping
+	if err := e.admit(); err != nil {
+		return err
 	}
 	to, kind := tcc.PhaseConfirming, "confirming"
 	if !commit {

@@ -98,8 +98,8 @@ func (e *Engine) SubmitTwoPhase(ctx context.Context, req *treatyv1.Submit2PCRequ
 	if err != nil {
 		return SubmitResult{}, err
 	}
-	if e.isStopping() {
-		return SubmitResult{}, ErrStopping
+	if err := e.admit(); err != nil {
+		return SubmitResult{}, err
 	}
 	stored := proto.Clone(req).(*treatyv1.Submit2PCRequest)
 	stored.Gid, stored.Wait = "", nil
