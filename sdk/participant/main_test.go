@@ -141,8 +141,15 @@ func (e *exampleTB) done() {
 	}
 }
 
-// exampleDatabase returns the URL of a fresh database and a function that drops it.
+// exampleDatabase returns the URL of a fresh database and a function that drops it, after
+// rolling back any prepared transaction a failed example left behind.
 func exampleDatabase() (url string, done func()) {
 	tb := &exampleTB{}
-	return pgtest.NewDatabase(tb), tb.done
+	url = pgtest.NewDatabase(tb)
+	tb.Cleanup(func() {
+		if err := rollbackPrepared(url); err != nil {
+			panic(err)
+		}
+	})
+	return url, tb.done
 }

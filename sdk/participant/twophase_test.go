@@ -33,25 +33,31 @@ func setup2PC(t *testing.T) (*env, *participant.TwoPhase) {
 }
 
 func rollbackLeftovers(t *testing.T, url string) {
+	if err := rollbackPrepared(url); err != nil {
+		t.Errorf("roll back leftover prepared transactions: %v", err)
+	}
+}
+
+// rollbackPrepared rolls back every prepared transaction of url's database.
+func rollbackPrepared(url string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(ctx, url)
 	if err != nil {
-		t.Errorf("connect to roll back leftovers: %v", err)
-		return
+		return err
 	}
 	defer conn.Close(ctx)
 	rows, _ := conn.Query(ctx, "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
 	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	if err != nil {
-		t.Errorf("list leftovers: %v", err)
-		return
+		return err
 	}
 	for _, id := range ids {
 		if _, err := conn.Exec(ctx, "ROLLBACK PREPARED '"+strings.ReplaceAll(id, "'", "''")+"'"); err != nil {
-			t.Errorf("roll back leftover %s: %v", id, err)
+			return fmt.Errorf("%s: %w", id, err)
 		}
 	}
+	return nil
 }
 
 func (e *env) prepared(t *testing.T) []string {
