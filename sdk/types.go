@@ -94,6 +94,9 @@ type Transaction struct {
 	// Phase is the mode's own word for the status (e.g. "confirmed" for TCC).
 	Phase  string
 	Reason string
+	// Workflow and WorkflowVersion name the registered workflow this transaction runs, if any.
+	Workflow        string
+	WorkflowVersion int
 	// Raw is the full API message, with branches and history.
 	Raw *treatyv1.Transaction
 }
@@ -102,7 +105,8 @@ func newTransaction(t *treatyv1.Transaction) *Transaction {
 	if t == nil {
 		return nil
 	}
-	return &Transaction{GID: t.Gid, Mode: t.Mode, Status: t.Status, Phase: t.Phase, Reason: t.Reason, Raw: t}
+	return &Transaction{GID: t.Gid, Mode: t.Mode, Status: t.Status, Phase: t.Phase, Reason: t.Reason,
+		Workflow: t.WorkflowName, WorkflowVersion: int(t.WorkflowVersion), Raw: t}
 }
 
 // Terminal reports whether nothing more happens without an operator.

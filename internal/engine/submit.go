@@ -27,6 +27,10 @@ type SubmitResult struct {
 // SubmitSaga validates and stores a saga, then drives it in this process at once. The
 // transaction is durable before the first participant call.
 func (e *Engine) SubmitSaga(ctx context.Context, gid string, spec *treatyv1.SagaSpec) (SubmitResult, error) {
+	return e.submitSaga(ctx, gid, spec, "", 0)
+}
+
+func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.SagaSpec, workflow string, version int) (SubmitResult, error) {
 	gid, err := e.gidOrNew(gid)
 	if err != nil {
 		return SubmitResult{}, err
@@ -51,6 +55,7 @@ func (e *Engine) SubmitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	sent := time.Now()
 	res, err := e.cfg.Store.CreateTransaction(ctx, store.CreateParams{
 		GID: gid, Mode: "saga", Status: string(saga.PhaseRunning), Spec: raw, SpecHash: hash,
+		WorkflowName: workflow, WorkflowVersion: version,
 		Timeout: plan.timeout, Owner: e.cfg.Owner, Lease: e.cfg.Lease,
 		Branches: branches,
 		Events:   []store.Event{{Kind: "submitted", Detail: fmt.Sprintf("saga with %d steps", len(plan.steps))}},
@@ -179,6 +184,7 @@ func toProto(t store.Transaction, bs []store.Branch, evs []store.Event) *treatyv
 		Gid: t.GID, Mode: modeToProto[t.Mode], Status: statusToProto[t.Status],
 		CreatedAt: ts(t.CreatedAt), UpdatedAt: ts(t.UpdatedAt), Deadline: ts(t.Deadline),
 		Reason: t.Reason, Phase: t.Status,
+		WorkflowName: t.WorkflowName, WorkflowVersion: int32(t.WorkflowVersion),
 	}
 	for _, b := range bs {
 		out.Branches = append(out.Branches, &treatyv1.Branch{

@@ -217,6 +217,46 @@ func (c *Coordinator) SubmitMsg(ctx context.Context, req *treatyv1.SubmitMsgRequ
 	return &treatyv1.SubmitMsgResponse{Transaction: tx}, nil
 }
 
+// RegisterWorkflow implements treatyv1.CoordinatorServer.
+func (c *Coordinator) RegisterWorkflow(ctx context.Context, req *treatyv1.RegisterWorkflowRequest) (*treatyv1.RegisterWorkflowResponse, error) {
+	w, created, err := c.Engine.RegisterWorkflow(ctx, req.Name, req.Saga)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.RegisterWorkflowResponse{Workflow: w, Created: created}, nil
+}
+
+// ListWorkflows implements treatyv1.CoordinatorServer.
+func (c *Coordinator) ListWorkflows(ctx context.Context, req *treatyv1.ListWorkflowsRequest) (*treatyv1.ListWorkflowsResponse, error) {
+	ws, err := c.Engine.ListWorkflows(ctx, req.Name)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.ListWorkflowsResponse{Workflows: ws}, nil
+}
+
+// StartWorkflow implements treatyv1.CoordinatorServer.
+func (c *Coordinator) StartWorkflow(ctx context.Context, req *treatyv1.StartWorkflowRequest) (*treatyv1.StartWorkflowResponse, error) {
+	wait, err := optionalDuration("wait", req.Wait, req.Wait == nil, MaxWaitTimeout)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	res, version, err := c.Engine.StartWorkflow(ctx, req)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	var tx *treatyv1.Transaction
+	if wait > 0 {
+		tx, _, err = c.Engine.Wait(ctx, res.GID, wait)
+	} else {
+		tx, err = c.Engine.Get(ctx, res.GID)
+	}
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &treatyv1.StartWorkflowResponse{Transaction: tx, Existing: res.Existing, Version: int32(version)}, nil
+}
+
 // toStatus maps domain errors to gRPC status codes: the one place that does.
 func toStatus(err error) error {
 	var inv *engine.InvalidArgumentError

@@ -192,6 +192,15 @@ type TransitionResult struct {
 	Current Transaction
 }
 
+// Workflow is one version of a registered workflow definition.
+type Workflow struct {
+	Name      string
+	Version   int
+	Spec      []byte
+	SpecHash  []byte
+	CreatedAt time.Time
+}
+
 // Store is the coordinator's durable state.
 type Store interface {
 	// CreateTransaction inserts a transaction with its branches and events in one commit, or
@@ -216,6 +225,14 @@ type Store interface {
 	RenewLeases(ctx context.Context, p RenewParams) (RenewResult, error)
 	// ReleaseLeases hands transactions back (graceful shutdown).
 	ReleaseLeases(ctx context.Context, owner string, rs []Release) error
+	// RegisterWorkflow stores a definition as a new version of name, unless the newest version
+	// has the same SpecHash (then it returns that one, Created=false).
+	RegisterWorkflow(ctx context.Context, name string, spec, hash []byte) (w Workflow, created bool, err error)
+	// GetWorkflow returns one version (0 = the newest), or ErrNotFound.
+	GetWorkflow(ctx context.Context, name string, version int) (Workflow, error)
+	// ListWorkflows returns every version of every workflow (or of name, if given), by name
+	// then version.
+	ListWorkflows(ctx context.Context, name string) ([]Workflow, error)
 	// Now returns the database clock.
 	Now(ctx context.Context) (time.Time, error)
 	// Ping checks that the database answers and the schema is current.

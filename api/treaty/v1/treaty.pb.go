@@ -1571,6 +1571,463 @@ func (x *SubmitMsgResponse) GetTransaction() *Transaction {
 	return nil
 }
 
+type Workflow struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version int32                  `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// The definition: steps with their targets, policies and default payloads.
+	Saga          *SagaSpec              `protobuf:"bytes,3,opt,name=saga,proto3" json:"saga,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Workflow) Reset() {
+	*x = Workflow{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Workflow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Workflow) ProtoMessage() {}
+
+func (x *Workflow) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Workflow.ProtoReflect.Descriptor instead.
+func (*Workflow) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *Workflow) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Workflow) GetVersion() int32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *Workflow) GetSaga() *SagaSpec {
+	if x != nil {
+		return x.Saga
+	}
+	return nil
+}
+
+func (x *Workflow) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+type RegisterWorkflowRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// [A-Za-z0-9._:-], at most 64 bytes.
+	Name          string    `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Saga          *SagaSpec `protobuf:"bytes,2,opt,name=saga,proto3" json:"saga,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterWorkflowRequest) Reset() {
+	*x = RegisterWorkflowRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterWorkflowRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterWorkflowRequest) ProtoMessage() {}
+
+func (x *RegisterWorkflowRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterWorkflowRequest.ProtoReflect.Descriptor instead.
+func (*RegisterWorkflowRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *RegisterWorkflowRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RegisterWorkflowRequest) GetSaga() *SagaSpec {
+	if x != nil {
+		return x.Saga
+	}
+	return nil
+}
+
+type RegisterWorkflowResponse struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Workflow *Workflow              `protobuf:"bytes,1,opt,name=workflow,proto3" json:"workflow,omitempty"`
+	// False when the definition equals the newest version (nothing was added).
+	Created       bool `protobuf:"varint,2,opt,name=created,proto3" json:"created,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterWorkflowResponse) Reset() {
+	*x = RegisterWorkflowResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterWorkflowResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterWorkflowResponse) ProtoMessage() {}
+
+func (x *RegisterWorkflowResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterWorkflowResponse.ProtoReflect.Descriptor instead.
+func (*RegisterWorkflowResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *RegisterWorkflowResponse) GetWorkflow() *Workflow {
+	if x != nil {
+		return x.Workflow
+	}
+	return nil
+}
+
+func (x *RegisterWorkflowResponse) GetCreated() bool {
+	if x != nil {
+		return x.Created
+	}
+	return false
+}
+
+type ListWorkflowsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only this workflow's versions; all workflows when empty.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWorkflowsRequest) Reset() {
+	*x = ListWorkflowsRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWorkflowsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWorkflowsRequest) ProtoMessage() {}
+
+func (x *ListWorkflowsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWorkflowsRequest.ProtoReflect.Descriptor instead.
+func (*ListWorkflowsRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ListWorkflowsRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ListWorkflowsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Workflows     []*Workflow            `protobuf:"bytes,1,rep,name=workflows,proto3" json:"workflows,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWorkflowsResponse) Reset() {
+	*x = ListWorkflowsResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWorkflowsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWorkflowsResponse) ProtoMessage() {}
+
+func (x *ListWorkflowsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWorkflowsResponse.ProtoReflect.Descriptor instead.
+func (*ListWorkflowsResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ListWorkflowsResponse) GetWorkflows() []*Workflow {
+	if x != nil {
+		return x.Workflows
+	}
+	return nil
+}
+
+// StepInput overrides a step's payloads for one run.
+type StepInput struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	ActionPayload     []byte                 `protobuf:"bytes,1,opt,name=action_payload,json=actionPayload,proto3" json:"action_payload,omitempty"`
+	CompensatePayload []byte                 `protobuf:"bytes,2,opt,name=compensate_payload,json=compensatePayload,proto3" json:"compensate_payload,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *StepInput) Reset() {
+	*x = StepInput{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StepInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StepInput) ProtoMessage() {}
+
+func (x *StepInput) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StepInput.ProtoReflect.Descriptor instead.
+func (*StepInput) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *StepInput) GetActionPayload() []byte {
+	if x != nil {
+		return x.ActionPayload
+	}
+	return nil
+}
+
+func (x *StepInput) GetCompensatePayload() []byte {
+	if x != nil {
+		return x.CompensatePayload
+	}
+	return nil
+}
+
+type StartWorkflowRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// 0 = the newest version.
+	Version int32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// Optional idempotency key; generated when empty.
+	Gid string `protobuf:"bytes,3,opt,name=gid,proto3" json:"gid,omitempty"`
+	// Payloads by step name; steps without an entry keep the definition's payloads.
+	Inputs        map[string]*StepInput `protobuf:"bytes,4,rep,name=inputs,proto3" json:"inputs,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Wait          *durationpb.Duration  `protobuf:"bytes,5,opt,name=wait,proto3" json:"wait,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartWorkflowRequest) Reset() {
+	*x = StartWorkflowRequest{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartWorkflowRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartWorkflowRequest) ProtoMessage() {}
+
+func (x *StartWorkflowRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartWorkflowRequest.ProtoReflect.Descriptor instead.
+func (*StartWorkflowRequest) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *StartWorkflowRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *StartWorkflowRequest) GetVersion() int32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *StartWorkflowRequest) GetGid() string {
+	if x != nil {
+		return x.Gid
+	}
+	return ""
+}
+
+func (x *StartWorkflowRequest) GetInputs() map[string]*StepInput {
+	if x != nil {
+		return x.Inputs
+	}
+	return nil
+}
+
+func (x *StartWorkflowRequest) GetWait() *durationpb.Duration {
+	if x != nil {
+		return x.Wait
+	}
+	return nil
+}
+
+type StartWorkflowResponse struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Transaction *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	Existing    bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	// The version that runs.
+	Version       int32 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartWorkflowResponse) Reset() {
+	*x = StartWorkflowResponse{}
+	mi := &file_treaty_v1_treaty_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartWorkflowResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartWorkflowResponse) ProtoMessage() {}
+
+func (x *StartWorkflowResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_treaty_v1_treaty_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartWorkflowResponse.ProtoReflect.Descriptor instead.
+func (*StartWorkflowResponse) Descriptor() ([]byte, []int) {
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *StartWorkflowResponse) GetTransaction() *Transaction {
+	if x != nil {
+		return x.Transaction
+	}
+	return nil
+}
+
+func (x *StartWorkflowResponse) GetExisting() bool {
+	if x != nil {
+		return x.Existing
+	}
+	return false
+}
+
+func (x *StartWorkflowResponse) GetVersion() int32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
 type GetTransactionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
@@ -1580,7 +2037,7 @@ type GetTransactionRequest struct {
 
 func (x *GetTransactionRequest) Reset() {
 	*x = GetTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1592,7 +2049,7 @@ func (x *GetTransactionRequest) String() string {
 func (*GetTransactionRequest) ProtoMessage() {}
 
 func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[23]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1605,7 +2062,7 @@ func (x *GetTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionRequest.ProtoReflect.Descriptor instead.
 func (*GetTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{23}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GetTransactionRequest) GetGid() string {
@@ -1624,7 +2081,7 @@ type GetTransactionResponse struct {
 
 func (x *GetTransactionResponse) Reset() {
 	*x = GetTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1636,7 +2093,7 @@ func (x *GetTransactionResponse) String() string {
 func (*GetTransactionResponse) ProtoMessage() {}
 
 func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[24]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1649,7 +2106,7 @@ func (x *GetTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTransactionResponse.ProtoReflect.Descriptor instead.
 func (*GetTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{24}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GetTransactionResponse) GetTransaction() *Transaction {
@@ -1670,7 +2127,7 @@ type WaitTransactionRequest struct {
 
 func (x *WaitTransactionRequest) Reset() {
 	*x = WaitTransactionRequest{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[25]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1682,7 +2139,7 @@ func (x *WaitTransactionRequest) String() string {
 func (*WaitTransactionRequest) ProtoMessage() {}
 
 func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[25]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1695,7 +2152,7 @@ func (x *WaitTransactionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionRequest.ProtoReflect.Descriptor instead.
 func (*WaitTransactionRequest) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{25}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WaitTransactionRequest) GetGid() string {
@@ -1723,7 +2180,7 @@ type WaitTransactionResponse struct {
 
 func (x *WaitTransactionResponse) Reset() {
 	*x = WaitTransactionResponse{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[26]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +2192,7 @@ func (x *WaitTransactionResponse) String() string {
 func (*WaitTransactionResponse) ProtoMessage() {}
 
 func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[26]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +2205,7 @@ func (x *WaitTransactionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitTransactionResponse.ProtoReflect.Descriptor instead.
 func (*WaitTransactionResponse) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{26}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WaitTransactionResponse) GetTransaction() *Transaction {
@@ -1780,7 +2237,7 @@ type Branch struct {
 
 func (x *Branch) Reset() {
 	*x = Branch{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[27]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1792,7 +2249,7 @@ func (x *Branch) String() string {
 func (*Branch) ProtoMessage() {}
 
 func (x *Branch) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[27]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1805,7 +2262,7 @@ func (x *Branch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Branch.ProtoReflect.Descriptor instead.
 func (*Branch) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{27}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Branch) GetName() string {
@@ -1865,7 +2322,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[28]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +2334,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[28]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +2347,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{28}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Event) GetId() int64 {
@@ -1948,14 +2405,17 @@ type Transaction struct {
 	// Why the transaction turned back or needs an operator, when it did.
 	Reason string `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
 	// The mode's own name for the status (e.g. trying, confirming, cancelled for TCC).
-	Phase         string `protobuf:"bytes,10,opt,name=phase,proto3" json:"phase,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Phase string `protobuf:"bytes,10,opt,name=phase,proto3" json:"phase,omitempty"`
+	// The registered workflow and version this transaction runs, if any.
+	WorkflowName    string `protobuf:"bytes,11,opt,name=workflow_name,json=workflowName,proto3" json:"workflow_name,omitempty"`
+	WorkflowVersion int32  `protobuf:"varint,12,opt,name=workflow_version,json=workflowVersion,proto3" json:"workflow_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Transaction) Reset() {
 	*x = Transaction{}
-	mi := &file_treaty_v1_treaty_proto_msgTypes[29]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1967,7 +2427,7 @@ func (x *Transaction) String() string {
 func (*Transaction) ProtoMessage() {}
 
 func (x *Transaction) ProtoReflect() protoreflect.Message {
-	mi := &file_treaty_v1_treaty_proto_msgTypes[29]
+	mi := &file_treaty_v1_treaty_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1980,7 +2440,7 @@ func (x *Transaction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transaction.ProtoReflect.Descriptor instead.
 func (*Transaction) Descriptor() ([]byte, []int) {
-	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{29}
+	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Transaction) GetGid() string {
@@ -2051,6 +2511,20 @@ func (x *Transaction) GetPhase() string {
 		return x.Phase
 	}
 	return ""
+}
+
+func (x *Transaction) GetWorkflowName() string {
+	if x != nil {
+		return x.WorkflowName
+	}
+	return ""
+}
+
+func (x *Transaction) GetWorkflowVersion() int32 {
+	if x != nil {
+		return x.WorkflowVersion
+	}
+	return 0
 }
 
 var File_treaty_v1_treaty_proto protoreflect.FileDescriptor
@@ -2148,7 +2622,39 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\x12-\n" +
 	"\x04wait\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x04wait\"M\n" +
 	"\x11SubmitMsgResponse\x128\n" +
-	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\")\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\"\x9c\x01\n" +
+	"\bWorkflow\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x05R\aversion\x12'\n" +
+	"\x04saga\x18\x03 \x01(\v2\x13.treaty.v1.SagaSpecR\x04saga\x129\n" +
+	"\n" +
+	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"V\n" +
+	"\x17RegisterWorkflowRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
+	"\x04saga\x18\x02 \x01(\v2\x13.treaty.v1.SagaSpecR\x04saga\"e\n" +
+	"\x18RegisterWorkflowResponse\x12/\n" +
+	"\bworkflow\x18\x01 \x01(\v2\x13.treaty.v1.WorkflowR\bworkflow\x12\x18\n" +
+	"\acreated\x18\x02 \x01(\bR\acreated\"*\n" +
+	"\x14ListWorkflowsRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"J\n" +
+	"\x15ListWorkflowsResponse\x121\n" +
+	"\tworkflows\x18\x01 \x03(\v2\x13.treaty.v1.WorkflowR\tworkflows\"a\n" +
+	"\tStepInput\x12%\n" +
+	"\x0eaction_payload\x18\x01 \x01(\fR\ractionPayload\x12-\n" +
+	"\x12compensate_payload\x18\x02 \x01(\fR\x11compensatePayload\"\x9b\x02\n" +
+	"\x14StartWorkflowRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x05R\aversion\x12\x10\n" +
+	"\x03gid\x18\x03 \x01(\tR\x03gid\x12C\n" +
+	"\x06inputs\x18\x04 \x03(\v2+.treaty.v1.StartWorkflowRequest.InputsEntryR\x06inputs\x12-\n" +
+	"\x04wait\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x04wait\x1aO\n" +
+	"\vInputsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12*\n" +
+	"\x05value\x18\x02 \x01(\v2\x14.treaty.v1.StepInputR\x05value:\x028\x01\"\x87\x01\n" +
+	"\x15StartWorkflowResponse\x128\n" +
+	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\x12\x1a\n" +
+	"\bexisting\x18\x02 \x01(\bR\bexisting\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x05R\aversion\")\n" +
 	"\x15GetTransactionRequest\x12\x10\n" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\"R\n" +
 	"\x16GetTransactionResponse\x128\n" +
@@ -2174,7 +2680,7 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x16\n" +
 	"\x06branch\x18\x04 \x01(\tR\x06branch\x12\x0e\n" +
 	"\x02op\x18\x05 \x01(\tR\x02op\x12\x16\n" +
-	"\x06detail\x18\x06 \x01(\tR\x06detail\"\xa4\x03\n" +
+	"\x06detail\x18\x06 \x01(\tR\x06detail\"\xf4\x03\n" +
 	"\vTransaction\x12\x10\n" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\x12#\n" +
 	"\x04mode\x18\x02 \x01(\x0e2\x0f.treaty.v1.ModeR\x04mode\x12)\n" +
@@ -2188,7 +2694,9 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x06events\x18\b \x03(\v2\x10.treaty.v1.EventR\x06events\x12\x16\n" +
 	"\x06reason\x18\t \x01(\tR\x06reason\x12\x14\n" +
 	"\x05phase\x18\n" +
-	" \x01(\tR\x05phase*_\n" +
+	" \x01(\tR\x05phase\x12#\n" +
+	"\rworkflow_name\x18\v \x01(\tR\fworkflowName\x12)\n" +
+	"\x10workflow_version\x18\f \x01(\x05R\x0fworkflowVersion*_\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tMODE_SAGA\x10\x01\x12\f\n" +
@@ -2209,7 +2717,7 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x15BRANCH_STATUS_UNKNOWN\x10\x02\x12\x1b\n" +
 	"\x17BRANCH_STATUS_SUCCEEDED\x10\x03\x12\x18\n" +
 	"\x14BRANCH_STATUS_FAILED\x10\x04\x12\x19\n" +
-	"\x15BRANCH_STATUS_SKIPPED\x10\x052\x9f\x06\n" +
+	"\x15BRANCH_STATUS_SKIPPED\x10\x052\xa4\b\n" +
 	"\vCoordinator\x12I\n" +
 	"\n" +
 	"SubmitSaga\x12\x1c.treaty.v1.SubmitSagaRequest\x1a\x1d.treaty.v1.SubmitSagaResponse\x12U\n" +
@@ -2222,7 +2730,10 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\tSubmit2PC\x12\x1b.treaty.v1.Submit2PCRequest\x1a\x1c.treaty.v1.Submit2PCResponse\x12I\n" +
 	"\n" +
 	"PrepareMsg\x12\x1c.treaty.v1.PrepareMsgRequest\x1a\x1d.treaty.v1.PrepareMsgResponse\x12F\n" +
-	"\tSubmitMsg\x12\x1b.treaty.v1.SubmitMsgRequest\x1a\x1c.treaty.v1.SubmitMsgResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
+	"\tSubmitMsg\x12\x1b.treaty.v1.SubmitMsgRequest\x1a\x1c.treaty.v1.SubmitMsgResponse\x12[\n" +
+	"\x10RegisterWorkflow\x12\".treaty.v1.RegisterWorkflowRequest\x1a#.treaty.v1.RegisterWorkflowResponse\x12R\n" +
+	"\rListWorkflows\x12\x1f.treaty.v1.ListWorkflowsRequest\x1a .treaty.v1.ListWorkflowsResponse\x12R\n" +
+	"\rStartWorkflow\x12\x1f.treaty.v1.StartWorkflowRequest\x1a .treaty.v1.StartWorkflowResponseB3Z1github.com/treatyhq/treaty/api/treaty/v1;treatyv1b\x06proto3"
 
 var (
 	file_treaty_v1_treaty_proto_rawDescOnce sync.Once
@@ -2237,7 +2748,7 @@ func file_treaty_v1_treaty_proto_rawDescGZIP() []byte {
 }
 
 var file_treaty_v1_treaty_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_treaty_v1_treaty_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_treaty_v1_treaty_proto_goTypes = []any{
 	(Mode)(0),                         // 0: treaty.v1.Mode
 	(Status)(0),                       // 1: treaty.v1.Status
@@ -2265,95 +2776,119 @@ var file_treaty_v1_treaty_proto_goTypes = []any{
 	(*PrepareMsgResponse)(nil),        // 23: treaty.v1.PrepareMsgResponse
 	(*SubmitMsgRequest)(nil),          // 24: treaty.v1.SubmitMsgRequest
 	(*SubmitMsgResponse)(nil),         // 25: treaty.v1.SubmitMsgResponse
-	(*GetTransactionRequest)(nil),     // 26: treaty.v1.GetTransactionRequest
-	(*GetTransactionResponse)(nil),    // 27: treaty.v1.GetTransactionResponse
-	(*WaitTransactionRequest)(nil),    // 28: treaty.v1.WaitTransactionRequest
-	(*WaitTransactionResponse)(nil),   // 29: treaty.v1.WaitTransactionResponse
-	(*Branch)(nil),                    // 30: treaty.v1.Branch
-	(*Event)(nil),                     // 31: treaty.v1.Event
-	(*Transaction)(nil),               // 32: treaty.v1.Transaction
-	(*durationpb.Duration)(nil),       // 33: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 34: google.protobuf.Timestamp
+	(*Workflow)(nil),                  // 26: treaty.v1.Workflow
+	(*RegisterWorkflowRequest)(nil),   // 27: treaty.v1.RegisterWorkflowRequest
+	(*RegisterWorkflowResponse)(nil),  // 28: treaty.v1.RegisterWorkflowResponse
+	(*ListWorkflowsRequest)(nil),      // 29: treaty.v1.ListWorkflowsRequest
+	(*ListWorkflowsResponse)(nil),     // 30: treaty.v1.ListWorkflowsResponse
+	(*StepInput)(nil),                 // 31: treaty.v1.StepInput
+	(*StartWorkflowRequest)(nil),      // 32: treaty.v1.StartWorkflowRequest
+	(*StartWorkflowResponse)(nil),     // 33: treaty.v1.StartWorkflowResponse
+	(*GetTransactionRequest)(nil),     // 34: treaty.v1.GetTransactionRequest
+	(*GetTransactionResponse)(nil),    // 35: treaty.v1.GetTransactionResponse
+	(*WaitTransactionRequest)(nil),    // 36: treaty.v1.WaitTransactionRequest
+	(*WaitTransactionResponse)(nil),   // 37: treaty.v1.WaitTransactionResponse
+	(*Branch)(nil),                    // 38: treaty.v1.Branch
+	(*Event)(nil),                     // 39: treaty.v1.Event
+	(*Transaction)(nil),               // 40: treaty.v1.Transaction
+	nil,                               // 41: treaty.v1.StartWorkflowRequest.InputsEntry
+	(*durationpb.Duration)(nil),       // 42: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),     // 43: google.protobuf.Timestamp
 }
 var file_treaty_v1_treaty_proto_depIdxs = []int32{
-	33, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
-	33, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
+	42, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
+	42, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
 	3,  // 2: treaty.v1.SagaStep.action:type_name -> treaty.v1.Call
 	3,  // 3: treaty.v1.SagaStep.compensate:type_name -> treaty.v1.Call
 	4,  // 4: treaty.v1.SagaStep.retry:type_name -> treaty.v1.RetryPolicy
-	33, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
+	42, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
 	5,  // 6: treaty.v1.SagaSpec.steps:type_name -> treaty.v1.SagaStep
-	33, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
+	42, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
 	6,  // 8: treaty.v1.SubmitSagaRequest.saga:type_name -> treaty.v1.SagaSpec
-	33, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
-	32, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
+	40, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
 	3,  // 11: treaty.v1.TCCBranch.confirm:type_name -> treaty.v1.Call
 	3,  // 12: treaty.v1.TCCBranch.cancel:type_name -> treaty.v1.Call
 	4,  // 13: treaty.v1.TCCBranch.retry:type_name -> treaty.v1.RetryPolicy
-	33, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
-	33, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
-	32, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
+	42, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
+	40, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
 	9,  // 17: treaty.v1.RegisterTCCBranchRequest.branch:type_name -> treaty.v1.TCCBranch
-	33, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
-	32, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
-	33, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
-	32, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
+	40, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
+	40, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
 	3,  // 22: treaty.v1.TwoPhaseBranch.prepare:type_name -> treaty.v1.Call
 	3,  // 23: treaty.v1.TwoPhaseBranch.commit:type_name -> treaty.v1.Call
 	3,  // 24: treaty.v1.TwoPhaseBranch.rollback:type_name -> treaty.v1.Call
 	4,  // 25: treaty.v1.TwoPhaseBranch.retry:type_name -> treaty.v1.RetryPolicy
-	33, // 26: treaty.v1.TwoPhaseBranch.call_timeout:type_name -> google.protobuf.Duration
+	42, // 26: treaty.v1.TwoPhaseBranch.call_timeout:type_name -> google.protobuf.Duration
 	18, // 27: treaty.v1.Submit2PCRequest.branches:type_name -> treaty.v1.TwoPhaseBranch
-	33, // 28: treaty.v1.Submit2PCRequest.timeout:type_name -> google.protobuf.Duration
-	33, // 29: treaty.v1.Submit2PCRequest.wait:type_name -> google.protobuf.Duration
-	32, // 30: treaty.v1.Submit2PCResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 28: treaty.v1.Submit2PCRequest.timeout:type_name -> google.protobuf.Duration
+	42, // 29: treaty.v1.Submit2PCRequest.wait:type_name -> google.protobuf.Duration
+	40, // 30: treaty.v1.Submit2PCResponse.transaction:type_name -> treaty.v1.Transaction
 	3,  // 31: treaty.v1.MsgDelivery.call:type_name -> treaty.v1.Call
 	4,  // 32: treaty.v1.MsgDelivery.retry:type_name -> treaty.v1.RetryPolicy
-	33, // 33: treaty.v1.MsgDelivery.call_timeout:type_name -> google.protobuf.Duration
+	42, // 33: treaty.v1.MsgDelivery.call_timeout:type_name -> google.protobuf.Duration
 	21, // 34: treaty.v1.PrepareMsgRequest.deliveries:type_name -> treaty.v1.MsgDelivery
 	3,  // 35: treaty.v1.PrepareMsgRequest.query_prepared:type_name -> treaty.v1.Call
-	33, // 36: treaty.v1.PrepareMsgRequest.timeout:type_name -> google.protobuf.Duration
-	32, // 37: treaty.v1.PrepareMsgResponse.transaction:type_name -> treaty.v1.Transaction
-	33, // 38: treaty.v1.SubmitMsgRequest.wait:type_name -> google.protobuf.Duration
-	32, // 39: treaty.v1.SubmitMsgResponse.transaction:type_name -> treaty.v1.Transaction
-	32, // 40: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	33, // 41: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
-	32, // 42: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	2,  // 43: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
-	34, // 44: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
-	34, // 45: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
-	0,  // 46: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
-	1,  // 47: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
-	34, // 48: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
-	34, // 49: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
-	34, // 50: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
-	30, // 51: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
-	31, // 52: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
-	7,  // 53: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
-	26, // 54: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
-	28, // 55: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
-	10, // 56: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
-	12, // 57: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
-	14, // 58: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
-	16, // 59: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
-	19, // 60: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
-	22, // 61: treaty.v1.Coordinator.PrepareMsg:input_type -> treaty.v1.PrepareMsgRequest
-	24, // 62: treaty.v1.Coordinator.SubmitMsg:input_type -> treaty.v1.SubmitMsgRequest
-	8,  // 63: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
-	27, // 64: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
-	29, // 65: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
-	11, // 66: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
-	13, // 67: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
-	15, // 68: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
-	17, // 69: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
-	20, // 70: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
-	23, // 71: treaty.v1.Coordinator.PrepareMsg:output_type -> treaty.v1.PrepareMsgResponse
-	25, // 72: treaty.v1.Coordinator.SubmitMsg:output_type -> treaty.v1.SubmitMsgResponse
-	63, // [63:73] is the sub-list for method output_type
-	53, // [53:63] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	42, // 36: treaty.v1.PrepareMsgRequest.timeout:type_name -> google.protobuf.Duration
+	40, // 37: treaty.v1.PrepareMsgResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 38: treaty.v1.SubmitMsgRequest.wait:type_name -> google.protobuf.Duration
+	40, // 39: treaty.v1.SubmitMsgResponse.transaction:type_name -> treaty.v1.Transaction
+	6,  // 40: treaty.v1.Workflow.saga:type_name -> treaty.v1.SagaSpec
+	43, // 41: treaty.v1.Workflow.created_at:type_name -> google.protobuf.Timestamp
+	6,  // 42: treaty.v1.RegisterWorkflowRequest.saga:type_name -> treaty.v1.SagaSpec
+	26, // 43: treaty.v1.RegisterWorkflowResponse.workflow:type_name -> treaty.v1.Workflow
+	26, // 44: treaty.v1.ListWorkflowsResponse.workflows:type_name -> treaty.v1.Workflow
+	41, // 45: treaty.v1.StartWorkflowRequest.inputs:type_name -> treaty.v1.StartWorkflowRequest.InputsEntry
+	42, // 46: treaty.v1.StartWorkflowRequest.wait:type_name -> google.protobuf.Duration
+	40, // 47: treaty.v1.StartWorkflowResponse.transaction:type_name -> treaty.v1.Transaction
+	40, // 48: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 49: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
+	40, // 50: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	2,  // 51: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
+	43, // 52: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
+	43, // 53: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
+	0,  // 54: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
+	1,  // 55: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
+	43, // 56: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
+	43, // 57: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
+	43, // 58: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
+	38, // 59: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
+	39, // 60: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
+	31, // 61: treaty.v1.StartWorkflowRequest.InputsEntry.value:type_name -> treaty.v1.StepInput
+	7,  // 62: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
+	34, // 63: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
+	36, // 64: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
+	10, // 65: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
+	12, // 66: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
+	14, // 67: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
+	16, // 68: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
+	19, // 69: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
+	22, // 70: treaty.v1.Coordinator.PrepareMsg:input_type -> treaty.v1.PrepareMsgRequest
+	24, // 71: treaty.v1.Coordinator.SubmitMsg:input_type -> treaty.v1.SubmitMsgRequest
+	27, // 72: treaty.v1.Coordinator.RegisterWorkflow:input_type -> treaty.v1.RegisterWorkflowRequest
+	29, // 73: treaty.v1.Coordinator.ListWorkflows:input_type -> treaty.v1.ListWorkflowsRequest
+	32, // 74: treaty.v1.Coordinator.StartWorkflow:input_type -> treaty.v1.StartWorkflowRequest
+	8,  // 75: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
+	35, // 76: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
+	37, // 77: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
+	11, // 78: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
+	13, // 79: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
+	15, // 80: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
+	17, // 81: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
+	20, // 82: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
+	23, // 83: treaty.v1.Coordinator.PrepareMsg:output_type -> treaty.v1.PrepareMsgResponse
+	25, // 84: treaty.v1.Coordinator.SubmitMsg:output_type -> treaty.v1.SubmitMsgResponse
+	28, // 85: treaty.v1.Coordinator.RegisterWorkflow:output_type -> treaty.v1.RegisterWorkflowResponse
+	30, // 86: treaty.v1.Coordinator.ListWorkflows:output_type -> treaty.v1.ListWorkflowsResponse
+	33, // 87: treaty.v1.Coordinator.StartWorkflow:output_type -> treaty.v1.StartWorkflowResponse
+	75, // [75:88] is the sub-list for method output_type
+	62, // [62:75] is the sub-list for method input_type
+	62, // [62:62] is the sub-list for extension type_name
+	62, // [62:62] is the sub-list for extension extendee
+	0,  // [0:62] is the sub-list for field type_name
 }
 
 func init() { file_treaty_v1_treaty_proto_init() }
@@ -2367,7 +2902,7 @@ func file_treaty_v1_treaty_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_treaty_v1_treaty_proto_rawDesc), len(file_treaty_v1_treaty_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   30,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -33,6 +33,9 @@ const (
 	Coordinator_Submit2PC_FullMethodName         = "/treaty.v1.Coordinator/Submit2PC"
 	Coordinator_PrepareMsg_FullMethodName        = "/treaty.v1.Coordinator/PrepareMsg"
 	Coordinator_SubmitMsg_FullMethodName         = "/treaty.v1.Coordinator/SubmitMsg"
+	Coordinator_RegisterWorkflow_FullMethodName  = "/treaty.v1.Coordinator/RegisterWorkflow"
+	Coordinator_ListWorkflows_FullMethodName     = "/treaty.v1.Coordinator/ListWorkflows"
+	Coordinator_StartWorkflow_FullMethodName     = "/treaty.v1.Coordinator/StartWorkflow"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -68,6 +71,15 @@ type CoordinatorClient interface {
 	// SubmitMsg says the local transaction committed: deliver, at least once, until every delivery
 	// succeeded. A message never submitted is resolved at its timeout through query_prepared.
 	SubmitMsg(ctx context.Context, in *SubmitMsgRequest, opts ...grpc.CallOption) (*SubmitMsgResponse, error)
+	// RegisterWorkflow stores a saga definition under a name. Registering a changed definition
+	// adds a version; registering the newest one again changes nothing.
+	RegisterWorkflow(ctx context.Context, in *RegisterWorkflowRequest, opts ...grpc.CallOption) (*RegisterWorkflowResponse, error)
+	// ListWorkflows lists registered workflows and their versions.
+	ListWorkflows(ctx context.Context, in *ListWorkflowsRequest, opts ...grpc.CallOption) (*ListWorkflowsResponse, error)
+	// StartWorkflow starts a registered workflow (the newest version unless one is pinned) with
+	// its inputs. Idempotent on gid, like SubmitSaga; the transaction keeps the version it
+	// started with.
+	StartWorkflow(ctx context.Context, in *StartWorkflowRequest, opts ...grpc.CallOption) (*StartWorkflowResponse, error)
 }
 
 type coordinatorClient struct {
@@ -178,6 +190,36 @@ func (c *coordinatorClient) SubmitMsg(ctx context.Context, in *SubmitMsgRequest,
 	return out, nil
 }
 
+func (c *coordinatorClient) RegisterWorkflow(ctx context.Context, in *RegisterWorkflowRequest, opts ...grpc.CallOption) (*RegisterWorkflowResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RegisterWorkflowResponse)
+	err := c.cc.Invoke(ctx, Coordinator_RegisterWorkflow_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) ListWorkflows(ctx context.Context, in *ListWorkflowsRequest, opts ...grpc.CallOption) (*ListWorkflowsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWorkflowsResponse)
+	err := c.cc.Invoke(ctx, Coordinator_ListWorkflows_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) StartWorkflow(ctx context.Context, in *StartWorkflowRequest, opts ...grpc.CallOption) (*StartWorkflowResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartWorkflowResponse)
+	err := c.cc.Invoke(ctx, Coordinator_StartWorkflow_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -211,6 +253,15 @@ type CoordinatorServer interface {
 	// SubmitMsg says the local transaction committed: deliver, at least once, until every delivery
 	// succeeded. A message never submitted is resolved at its timeout through query_prepared.
 	SubmitMsg(context.Context, *SubmitMsgRequest) (*SubmitMsgResponse, error)
+	// RegisterWorkflow stores a saga definition under a name. Registering a changed definition
+	// adds a version; registering the newest one again changes nothing.
+	RegisterWorkflow(context.Context, *RegisterWorkflowRequest) (*RegisterWorkflowResponse, error)
+	// ListWorkflows lists registered workflows and their versions.
+	ListWorkflows(context.Context, *ListWorkflowsRequest) (*ListWorkflowsResponse, error)
+	// StartWorkflow starts a registered workflow (the newest version unless one is pinned) with
+	// its inputs. Idempotent on gid, like SubmitSaga; the transaction keeps the version it
+	// started with.
+	StartWorkflow(context.Context, *StartWorkflowRequest) (*StartWorkflowResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -250,6 +301,15 @@ func (UnimplementedCoordinatorServer) PrepareMsg(context.Context, *PrepareMsgReq
 }
 func (UnimplementedCoordinatorServer) SubmitMsg(context.Context, *SubmitMsgRequest) (*SubmitMsgResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SubmitMsg not implemented")
+}
+func (UnimplementedCoordinatorServer) RegisterWorkflow(context.Context, *RegisterWorkflowRequest) (*RegisterWorkflowResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegisterWorkflow not implemented")
+}
+func (UnimplementedCoordinatorServer) ListWorkflows(context.Context, *ListWorkflowsRequest) (*ListWorkflowsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWorkflows not implemented")
+}
+func (UnimplementedCoordinatorServer) StartWorkflow(context.Context, *StartWorkflowRequest) (*StartWorkflowResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartWorkflow not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -452,6 +512,60 @@ func _Coordinator_SubmitMsg_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_RegisterWorkflow_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RegisterWorkflowRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).RegisterWorkflow(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_RegisterWorkflow_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).RegisterWorkflow(ctx, req.(*RegisterWorkflowRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_ListWorkflows_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWorkflowsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).ListWorkflows(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_ListWorkflows_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).ListWorkflows(ctx, req.(*ListWorkflowsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_StartWorkflow_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartWorkflowRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).StartWorkflow(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_StartWorkflow_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).StartWorkflow(ctx, req.(*StartWorkflowRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -498,6 +612,18 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SubmitMsg",
 			Handler:    _Coordinator_SubmitMsg_Handler,
+		},
+		{
+			MethodName: "RegisterWorkflow",
+			Handler:    _Coordinator_RegisterWorkflow_Handler,
+		},
+		{
+			MethodName: "ListWorkflows",
+			Handler:    _Coordinator_ListWorkflows_Handler,
+		},
+		{
+			MethodName: "StartWorkflow",
+			Handler:    _Coordinator_StartWorkflow_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

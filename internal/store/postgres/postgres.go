@@ -411,6 +411,77 @@ func (s *Store) ReleaseLeases(ctx context.Context, owner string, rs []store.Rele
 	return nil
 }
 
+// registerWorkflowSQL adds a version only when the newest one differs. Locking the newest row
+// serialises concurrent registrations of one name; the very first ones race on the primary key
+// instead, and the loser retries.
+const registerWorkflowSQL = `
+WITH latest AS (
+    SELECT version, spec_hash FROM treaty_workflows WHERE name = $1
+    ORDER BY version DESC LIMIT 1 FOR UPDATE
+)
+INSERT INTO treaty_workflows (name, version, spec, spec_hash)
+SELECT $1, coalesce((SELECT version FROM latest), 0) + 1, $2, $3
+WHERE NOT EXISTS (SELECT 1 FROM latest WHERE spec_hash = $3)
+ON CONFLICT (name, version) DO NOTHING
+RETURNING name, version, spec, spec_hash, created_at`
+
+// RegisterWorkflow implements store.Store.
+func (s *Store) RegisterWorkflow(ctx context.Context, name string, spec, hash []byte) (store.Workflow, bool, error) {
+	for range 5 {
+		var w store.Workflow
+		err := s.pool.QueryRow(ctx, registerWorkflowSQL, name, spec, hash).Scan(&w.Name, &w.Version, &w.Spec, &w.SpecHash, &w.CreatedAt)
+		if err == nil {
+			return w, true, nil
+		}
+		if !errors.Is(err, pgx.ErrNoRows) {
+			return store.Workflow{}, false, fmt.Errorf("register workflow %q: %w", name, err)
+		}
+		latest, err := s.GetWorkflow(ctx, name, 0)
+		if err == nil && string(latest.SpecHash) == string(hash) {
+			return latest, false, nil
+		}
+		// Lost a race for the next version number: try again.
+	}
+	return store.Workflow{}, false, fmt.Errorf("register workflow %q: too much contention", name)
+}
+
+// GetWorkflow implements store.Store.
+func (s *Store) GetWorkflow(ctx context.Context, name string, version int) (store.Workflow, error) {
+	var w store.Workflow
+	err := s.pool.QueryRow(ctx, `SELECT name, version, spec, spec_hash, created_at FROM treaty_workflows
+		WHERE name = $1 AND ($2 = 0 OR version = $2) ORDER BY version DESC LIMIT 1`, name, version).
+		Scan(&w.Name, &w.Version, &w.Spec, &w.SpecHash, &w.CreatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		if version == 0 {
+			return w, fmt.Errorf("%w: workflow %q", store.ErrNotFound, name)
+		}
+		return w, fmt.Errorf("%w: workflow %q version %d", store.ErrNotFound, name, version)
+	}
+	if err != nil {
+		return w, fmt.Errorf("read workflow %q: %w", name, err)
+	}
+	return w, nil
+}
+
+// ListWorkflows implements store.Store.
+func (s *Store) ListWorkflows(ctx context.Context, name string) ([]store.Workflow, error) {
+	rows, err := s.pool.Query(ctx, `SELECT name, version, spec, spec_hash, created_at FROM treaty_workflows
+		WHERE $1 = '' OR name = $1 ORDER BY name, version`, name)
+	if err != nil {
+		return nil, fmt.Errorf("list workflows: %w", err)
+	}
+	defer rows.Close()
+	var out []store.Workflow
+	for rows.Next() {
+		var w store.Workflow
+		if err := rows.Scan(&w.Name, &w.Version, &w.Spec, &w.SpecHash, &w.CreatedAt); err != nil {
+			return nil, fmt.Errorf("list workflows: %w", err)
+		}
+		out = append(out, w)
+	}
+	return out, rows.Err()
+}
+
 // Now implements store.Store.
 func (s *Store) Now(ctx context.Context) (time.Time, error) {
 	var t time.Time

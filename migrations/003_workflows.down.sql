@@ -1,0 +1,2 @@
+DROP INDEX treaty_transactions_workflow;
+DROP TABLE treaty_workflows;
