@@ -52,7 +52,7 @@ type Barrier struct {
 }
 
 type barrierSQL struct {
-	schema, insertOne, insertPair, reason, cleanup string
+	schema, insertOne, insertPair, insertMarker, reason, cleanup string
 }
 
 // NewBarrier returns a Barrier on the configured table. It does not touch the database; create
@@ -235,6 +235,8 @@ func undoOf(op string) (forward string, ok bool) {
 		return OpTry, true
 	case OpRollback:
 		return OpPrepare, true
+	case OpQueryPrepared:
+		return OpMsg, true
 	}
 	return "", false
 }
@@ -520,6 +522,7 @@ CREATE INDEX IF NOT EXISTS ` + quoteIdent(base+"_created_idx") + ` ON ` + table 
 	const onConflict = ` ON CONFLICT (mode, gid, branch, op) DO NOTHING RETURNING op`
 	q.insertOne = `INSERT INTO ` + table + ` (mode, gid, branch, op, reason) VALUES ($1, $2, $3, $4, $4)` + onConflict
 	q.insertPair = `INSERT INTO ` + table + ` (mode, gid, branch, op, reason) VALUES ($1, $2, $3, $4, $5), ($1, $2, $3, $5, $5)` + onConflict
+	q.insertMarker = `INSERT INTO ` + table + ` (mode, gid, branch, op, reason) VALUES ($1, $2, $3, $4, $5)` + onConflict
 	q.reason = `SELECT reason FROM ` + table + ` WHERE mode = $1 AND gid = $2 AND branch = $3 AND op = $4`
 	// ctid = ANY(ARRAY(...)) is a TID scan: each statement touches only the rows it deletes.
 	q.cleanup = `DELETE FROM ` + table + ` WHERE ctid = ANY (ARRAY(SELECT ctid FROM ` + table +
