@@ -8,6 +8,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -17,6 +23,7 @@ import (
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/invoke"
+	"github.com/treatyhq/treaty/internal/metrics"
 	"github.com/treatyhq/treaty/internal/server"
 	"github.com/treatyhq/treaty/internal/store/postgres"
 )
@@ -29,6 +36,8 @@ type Config struct {
 	DBMaxConns int
 	// Listen is the gRPC address; "127.0.0.1:0" picks a free port.
 	Listen string
+	// HTTPListen is the address of /metrics, /healthz and /readyz; empty: no HTTP server.
+	HTTPListen string
 	// Migrate applies schema migrations at start.
 	Migrate bool
 	Logger  *slog.Logger
@@ -43,11 +52,16 @@ type App struct {
 	Engine *engine.Engine
 	Store  *postgres.Store
 	Addr   string
+	// HTTPAddr is where /metrics, /healthz and /readyz answer (empty when disabled).
+	HTTPAddr string
+	// Registry holds the coordinator's metrics.
+	Registry *prometheus.Registry
 
 	log     *slog.Logger
 	inv     *invoke.Invoker
 	grpc    *grpc.Server
 	health  *health.Server
+	http    *http.Server
 	served  chan error
 	stopped bool
 }
@@ -85,8 +99,13 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	}
 	cfg.Invoke.Logger = cfg.Logger
 	a.inv = invoke.New(cfg.Invoke)
+	a.Registry = prometheus.NewRegistry()
+	a.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	ec := cfg.Engine
 	ec.Store, ec.Invoker, ec.Logger = st, a.inv, cfg.Logger
+	if ec.Observer == nil {
+		ec.Observer = metrics.New(a.Registry, st, a.inv.BreakerStates, cfg.Logger)
+	}
 	if a.Engine, err = engine.New(ec); err != nil {
 		return fail(err)
 	}
@@ -112,10 +131,21 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		_ = lis.Close()
 		return fail(err)
 	}
+	if cfg.HTTPListen != "" {
+		hl, err := net.Listen("tcp", cfg.HTTPListen)
+		if err != nil {
+			_ = lis.Close()
+			_ = a.Engine.Stop(context.Background())
+			return fail(fmt.Errorf("listen %s: %w", cfg.HTTPListen, err))
+		}
+		a.HTTPAddr = hl.Addr().String()
+		a.http = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = a.http.Serve(hl) }()
+	}
 	go func() { a.served <- a.grpc.Serve(lis) }()
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	a.health.SetServingStatus(treatyv1.Coordinator_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	a.log.Info("coordinator serving", "grpc", a.Addr, "owner", a.Engine.Owner())
+	a.log.Info("coordinator serving", "grpc", a.Addr, "http", a.HTTPAddr, "owner", a.Engine.Owner())
 	return a, nil
 }
 
@@ -140,7 +170,31 @@ func (a *App) Stop(ctx context.Context) error {
 		a.grpc.Stop()
 		<-graceful
 	}
+	if a.http != nil {
+		_ = a.http.Shutdown(ctx)
+	}
 	_ = a.inv.Close()
 	a.Store.Close()
 	return err
+}
+
+// httpHandler serves the operational endpoints. /healthz says the process is alive; /readyz says
+// it can do its job (database reachable, schema current) and turns 503 otherwise, so a load
+// balancer stops sending it requests.
+func (a *App) httpHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+		defer cancel()
+		if err := a.Store.Ping(ctx); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	return mux
 }

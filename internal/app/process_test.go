@@ -85,7 +85,7 @@ func startProc(t *testing.T, db string, env ...string) *proc {
 	t.Helper()
 	p := &proc{addr: freeAddr(t), logs: &syncBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(coordinatorBinary(t), "serve", "--db", db, "--listen", p.addr,
-		"--recovery-interval", "100ms", "--log-level", "debug")
+		"--recovery-interval", "100ms", "--log-level", "debug", "--http-listen", "127.0.0.1:0")
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	require.NoError(t, p.cmd.Start())

@@ -31,6 +31,7 @@ type bundle struct {
 }
 
 type setupOpts struct {
+	http   bool // serve /metrics, /healthz, /readyz
 	engine engine.Config
 	script testparticipant.Script
 }
@@ -57,7 +58,11 @@ func setup(t *testing.T, o setupOpts) *bundle {
 	if ec.OperatorThreshold == 0 {
 		ec.OperatorThreshold = 3
 	}
-	a, err := app.Start(ctx, app.Config{DB: db, Listen: "127.0.0.1:0", Migrate: true, Engine: ec, Logger: testLogger(t)})
+	httpListen := ""
+	if o.http {
+		httpListen = "127.0.0.1:0"
+	}
+	a, err := app.Start(ctx, app.Config{DB: db, Listen: "127.0.0.1:0", HTTPListen: httpListen, Migrate: true, Engine: ec, Logger: testLogger(t)})
 	require.NoError(t, err)
 	t.Cleanup(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -130,11 +130,11 @@ func migrateCmd(ctx context.Context, args []string, env Env) error {
 }
 
 type serveConfig struct {
-	db, listen, owner, logFormat, logLevel string
-	lease, recovery, shutdown              time.Duration
-	maxActive, threshold, maxPayload       int
-	maxSteps, dbConns, claimBatch          int
-	autoMigrate                            bool
+	db, listen, httpListen, owner, logFormat, logLevel string
+	lease, recovery, shutdown                          time.Duration
+	maxActive, threshold, maxPayload                   int
+	maxSteps, dbConns, claimBatch                      int
+	autoMigrate                                        bool
 }
 
 func serve(ctx context.Context, args []string, env Env) error {
@@ -142,6 +142,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f := newFlags("serve", "coordinator serve: serve the treaty.v1 gRPC API (with health checking and reflection)\nand drive transactions to completion, recovering work that other replicas left behind.", env.Stderr, env.Stdout)
 	f.String(&c.db, "db", "", "PostgreSQL URL (required), e.g. postgres://user@host:5432/treaty")
 	f.String(&c.listen, "listen", ":7600", "gRPC listen address")
+	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz and /readyz (empty: off)")
 	f.String(&c.owner, "owner", "", "replica id used in leases (default host-pid-random)")
 	f.Duration(&c.lease, "lease", 10*time.Second, "how long a replica owns a transaction without renewing; a dead replica's work resumes elsewhere after this")
 	f.Duration(&c.recovery, "recovery-interval", time.Second, "how often to look for due work (retries, expired leases)")
@@ -170,7 +171,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	a, err := app.Start(ctx, app.Config{
-		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, Migrate: c.autoMigrate, Logger: log,
+		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
 			MaxActive: c.maxActive, OperatorThreshold: c.threshold,

@@ -250,7 +250,7 @@ func TestServeRefusesUnmigratedDatabase(t *testing.T) {
 	db := pgtest.NewDatabase(t)
 	ready := false
 	var out, errb syncBuffer
-	code := cli.Main(t.Context(), []string{"serve", "--db", db, "--listen", "127.0.0.1:0"}, cli.Env{
+	code := cli.Main(t.Context(), []string{"serve", "--db", db, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"}, cli.Env{
 		Stdout: &out, Stderr: &errb,
 		Getenv: func(string) string { return "" },
 		Ready:  func(string) { ready = true },
@@ -295,7 +295,7 @@ func serveAndStop(t *testing.T, db string, env map[string]string) {
 	addrs := make(chan string, 1)
 	done := make(chan int, 1)
 	go func() {
-		done <- cli.Main(ctx, []string{"serve", "--db", db, "--log-format", "json"}, cli.Env{
+		done <- cli.Main(ctx, []string{"serve", "--db", db, "--log-format", "json", "--http-listen", "127.0.0.1:0"}, cli.Env{
 			Stdout: &out, Stderr: &errb,
 			Getenv: func(k string) string { return env[k] },
 			Ready:  func(addr string) { addrs <- addr },

@@ -62,6 +62,7 @@ func (e *Engine) commitLoop(ctx context.Context) {
 		for _, r := range batch {
 			params = append(params, r.p)
 		}
+		e.cfg.Observer.GroupCommit(len(params))
 		res, err := e.cfg.Store.Record(ctx, params)
 		for i, r := range batch {
 			if err != nil {

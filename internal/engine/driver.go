@@ -112,6 +112,7 @@ func (d *driver) run() {
 		recorded = ""
 		if d.m.terminal() {
 			terminal = true
+			d.e.cfg.Observer.TransactionFinished(d.mode, outcomeLabel(d.m.status()))
 			return
 		}
 		if len(calls) > 0 && !d.ensureLease(calls) {
@@ -205,7 +206,34 @@ func (d *driver) call(c dispatch) {
 			Metadata: invoke.Metadata{GID: d.gid, Branch: c.branch, Op: c.op, Mode: d.mode},
 		})
 	}
+	outcome, notSent, _ := outcomeOf(res)
+	label := map[invoke.Outcome]string{invoke.OK: "ok", invoke.Aborted: "aborted"}[outcome]
+	if notSent {
+		label = "not_sent"
+	} else if label == "" {
+		label = "transient"
+	}
+	d.e.cfg.Observer.BranchCall(targetLabel(c.target.target), c.op, label, res.Duration)
 	d.results <- callResult{d: c, res: res, at: d.e.cfg.Now()}
+}
+
+// targetLabel keeps a metric label's cardinality bounded: the endpoint and method, not payloads.
+func targetLabel(uri string) string {
+	if t, err := invoke.ParseTarget(uri); err == nil {
+		return t.Endpoint() + t.Method
+	}
+	return "invalid"
+}
+
+// outcomeLabel maps every mode's terminal phases onto the three outcomes.
+func outcomeLabel(phase string) string {
+	switch phase {
+	case "succeeded", "confirmed", "committed":
+		return "succeeded"
+	case "needs_operator":
+		return "needs_operator"
+	}
+	return "compensated"
 }
 
 // persist writes the branches that changed since the last write, the events and the status, fenced
@@ -232,6 +260,7 @@ func (d *driver) persist(events []store.Event) bool {
 		if err == nil {
 			if !res.Owned {
 				d.log().Warn("lost ownership: another replica took over this transaction; stopping without writing")
+				d.e.cfg.Observer.LeaseLost()
 				return false
 			}
 			d.extendLease(sent, d.e.cfg.Lease)

@@ -56,6 +56,9 @@ type Config struct {
 	// Limits bound requests.
 	Limits Limits
 
+	// Observer receives metrics events; nil = none.
+	Observer Observer
+
 	// CrashPoint is called at named points of the loop (fault injection for tests); nil = none.
 	CrashPoint func(name string)
 	// Now is the clock; default time.Now.
@@ -63,6 +66,28 @@ type Config struct {
 	// Rand returns uniform numbers in [0,1) for jitter; default math/rand/v2.
 	Rand func() float64
 }
+
+// Observer is told what the engine does, for metrics. Implementations must be fast and safe for
+// concurrent use; internal/metrics implements it with Prometheus.
+type Observer interface {
+	TransactionStarted(mode string)
+	// TransactionFinished: outcome is "succeeded", "compensated" or "needs_operator".
+	TransactionFinished(mode, outcome string)
+	// BranchCall: outcome is "ok", "aborted", "transient" or "not_sent".
+	BranchCall(target, op, outcome string, d time.Duration)
+	LeasesClaimed(n int)
+	LeaseLost()
+	GroupCommit(records int)
+}
+
+type noObserver struct{}
+
+func (noObserver) TransactionStarted(string)                        {}
+func (noObserver) TransactionFinished(string, string)               {}
+func (noObserver) BranchCall(string, string, string, time.Duration) {}
+func (noObserver) LeasesClaimed(int)                                {}
+func (noObserver) LeaseLost()                                       {}
+func (noObserver) GroupCommit(int)                                  {}
 
 // Crash points passed to Config.CrashPoint.
 const (
@@ -114,6 +139,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Rand == nil {
 		c.Rand = rand.Float64
+	}
+	if c.Observer == nil {
+		c.Observer = noObserver{}
 	}
 	if c.CrashPoint == nil {
 		c.CrashPoint = func(string) {}

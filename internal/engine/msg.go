@@ -140,6 +140,7 @@ func (e *Engine) PrepareMsg(ctx context.Context, req *treatyv1.PrepareMsgRequest
 		}
 		return SubmitResult{GID: gid, Existing: true}, nil
 	}
+	e.cfg.Observer.TransactionStarted("msg")
 	return SubmitResult{GID: gid}, nil
 }
 

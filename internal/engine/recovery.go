@@ -56,6 +56,9 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	if len(claimed) > 0 {
+		e.cfg.Observer.LeasesClaimed(len(claimed))
+	}
 	for _, c := range claimed {
 		d, err := e.resume(c, sent.Add(e.cfg.Lease))
 		if err != nil {
@@ -173,6 +176,7 @@ func (e *Engine) renewLoop(ctx context.Context) {
 			} else {
 				// Finished meanwhile, or taken over: either way this driver must not go on.
 				d.cancelLost()
+				e.cfg.Observer.LeaseLost()
 			}
 		}
 	}

@@ -69,6 +69,7 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 		}
 		return SubmitResult{GID: gid, Existing: true}, nil
 	}
+	e.cfg.Observer.TransactionStarted("saga")
 	e.cfg.CrashPoint(CrashAfterCreate)
 	m := newSagaMachine(plan, res.Transaction.Deadline, e.cfg.OperatorThreshold, saga.New(saga.Spec{Steps: plan.policy}))
 	d := e.newDriver(gid, "saga", 1, m, sent.Add(e.cfg.Lease))

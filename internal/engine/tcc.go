@@ -111,6 +111,7 @@ func (e *Engine) BeginTCC(ctx context.Context, gid string, timeout time.Duration
 		}
 		return SubmitResult{GID: gid, Existing: true}, nil
 	}
+	e.cfg.Observer.TransactionStarted("tcc")
 	return SubmitResult{GID: gid}, nil
 }
 

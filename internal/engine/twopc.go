@@ -128,6 +128,7 @@ func (e *Engine) SubmitTwoPhase(ctx context.Context, req *treatyv1.Submit2PCRequ
 		}
 		return SubmitResult{GID: gid, Existing: true}, nil
 	}
+	e.cfg.Observer.TransactionStarted("2pc")
 	e.cfg.CrashPoint(CrashAfterCreate)
 	m := newTwopcMachine(plan, res.Transaction.Deadline, e.cfg.OperatorThreshold, twopc.New(twopcSpec(plan, time.Time{}, 0)))
 	d := e.newDriver(gid, "2pc", 1, m, sent.Add(e.cfg.Lease))

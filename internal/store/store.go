@@ -201,6 +201,26 @@ type Workflow struct {
 	CreatedAt time.Time
 }
 
+// Stats summarises the transactions for metrics and the admin API.
+type Stats struct {
+	ByStatus      []StatusCount
+	Due           int           // live, next attempt due now
+	Overdue       int           // due for longer than OverdueAfter
+	OldestDue     time.Duration // how long the oldest due transaction has been due
+	NeedsOperator int
+	OldestRunning time.Time // creation time of the oldest live transaction (zero: none)
+}
+
+// StatusCount is the number of transactions in one mode and status.
+type StatusCount struct {
+	Mode, Status string
+	Count        int
+}
+
+// OverdueAfter is how long a transaction may be due before it counts as overdue: longer than
+// a healthy recovery loop ever lets it wait.
+const OverdueAfter = 30 * time.Second
+
 // Store is the coordinator's durable state.
 type Store interface {
 	// CreateTransaction inserts a transaction with its branches and events in one commit, or
@@ -233,6 +253,8 @@ type Store interface {
 	// ListWorkflows returns every version of every workflow (or of name, if given), by name
 	// then version.
 	ListWorkflows(ctx context.Context, name string) ([]Workflow, error)
+	// Stats summarises the transactions.
+	Stats(ctx context.Context) (Stats, error)
 	// Now returns the database clock.
 	Now(ctx context.Context) (time.Time, error)
 	// Ping checks that the database answers and the schema is current.

@@ -482,6 +482,47 @@ func (s *Store) ListWorkflows(ctx context.Context, name string) ([]store.Workflo
 	return out, rows.Err()
 }
 
+// Stats implements store.Store. The per-status counts scan the status index; the backlog uses
+// the partial index of live transactions.
+func (s *Store) Stats(ctx context.Context) (store.Stats, error) {
+	var st store.Stats
+	rows, err := s.pool.Query(ctx, `SELECT mode, status, count(*) FROM treaty_transactions GROUP BY mode, status ORDER BY mode, status`)
+	if err != nil {
+		return st, fmt.Errorf("transaction statistics: %w", err)
+	}
+	for rows.Next() {
+		var c store.StatusCount
+		if err := rows.Scan(&c.Mode, &c.Status, &c.Count); err != nil {
+			rows.Close()
+			return st, fmt.Errorf("transaction statistics: %w", err)
+		}
+		if c.Status == "needs_operator" {
+			st.NeedsOperator += c.Count
+		}
+		st.ByStatus = append(st.ByStatus, c)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return st, fmt.Errorf("transaction statistics: %w", err)
+	}
+	var oldestDue float64
+	var oldestRunning *time.Time
+	err = s.pool.QueryRow(ctx, `
+SELECT count(*) FILTER (WHERE next_attempt_at <= now()),
+       count(*) FILTER (WHERE next_attempt_at <= now() - $1::interval),
+       coalesce(extract(epoch FROM now() - min(next_attempt_at) FILTER (WHERE next_attempt_at <= now())), 0),
+       min(created_at)
+FROM treaty_transactions WHERE next_attempt_at IS NOT NULL`, store.OverdueAfter).Scan(&st.Due, &st.Overdue, &oldestDue, &oldestRunning)
+	if err != nil {
+		return st, fmt.Errorf("recovery backlog: %w", err)
+	}
+	st.OldestDue = time.Duration(oldestDue * float64(time.Second))
+	if oldestRunning != nil {
+		st.OldestRunning = *oldestRunning
+	}
+	return st, nil
+}
+
 // Now implements store.Store.
 func (s *Store) Now(ctx context.Context) (time.Time, error) {
 	var t time.Time
