@@ -235,7 +235,9 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 		b.NextAt = r.At.Add(saga.Backoff(pol.InitialBackoff, pol.MaxBackoff, b.Attempts+1, r.Jitter))
 		return s, nil
 	}
-	ev := func(kind, detail string) Event { return Event{Kind: kind, Step: pol.Name, Op: saga.Op(r.Op), Detail: detail} }
+	ev := func(kind, detail string) Event {
+		return Event{Kind: kind, Step: pol.Name, Op: saga.Op(r.Op), Detail: detail}
+	}
 	if r.Op == OpQuery && s.Phase == PhasePrepared {
 		switch r.Outcome {
 		case saga.OK:

@@ -13,7 +13,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/segmentio/kafka-go"
-
 )
 
 // DeadLetterPolicy says what happens to the later messages of a key whose message was moved to
