@@ -25,13 +25,17 @@ import (
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/metrics"
 	"github.com/treatyhq/treaty/internal/server"
+	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/internal/store/postgres"
 )
 
 // Config configures a coordinator.
 type Config struct {
-	// DB is the PostgreSQL URL.
+	// DB is the PostgreSQL URL (ignored when Store is set).
 	DB string
+	// Store, when set, is used instead of connecting to DB (the embedded store of dev mode).
+	// It must be migrated already; App.Stop closes it.
+	Store store.Store
 	// DBMaxConns sizes the pool; default 16.
 	DBMaxConns int
 	// Listen is the gRPC address; "127.0.0.1:0" picks a free port.
@@ -50,7 +54,7 @@ type Config struct {
 // App is a running coordinator.
 type App struct {
 	Engine *engine.Engine
-	Store  *postgres.Store
+	Store  store.Store
 	Addr   string
 	// HTTPAddr is where /metrics, /healthz and /readyz answer (empty when disabled).
 	HTTPAddr string
@@ -74,13 +78,24 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	if cfg.DBMaxConns <= 0 {
 		cfg.DBMaxConns = 16
 	}
-	if cfg.DB == "" {
-		return nil, errors.New("database URL is required")
+	st := cfg.Store
+	if st == nil {
+		if cfg.DB == "" {
+			return nil, errors.New("database URL is required")
+		}
+		pg, err := postgres.Open(ctx, cfg.DB, int32(cfg.DBMaxConns))
+		if err != nil {
+			return nil, err
+		}
+		if cfg.Migrate {
+			if _, err := postgres.Migrate(ctx, pg.Pool()); err != nil {
+				pg.Close()
+				return nil, err
+			}
+		}
+		st = pg
 	}
-	st, err := postgres.Open(ctx, cfg.DB, int32(cfg.DBMaxConns))
-	if err != nil {
-		return nil, err
-	}
+	var err error
 	a := &App{Store: st, log: cfg.Logger, served: make(chan error, 1)}
 	fail := func(err error) (*App, error) {
 		if a.inv != nil {
@@ -88,11 +103,6 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		}
 		st.Close()
 		return nil, err
-	}
-	if cfg.Migrate {
-		if _, err := postgres.Migrate(ctx, st.Pool()); err != nil {
-			return fail(err)
-		}
 	}
 	if err := st.Ping(ctx); err != nil {
 		return fail(err)
