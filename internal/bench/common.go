@@ -95,22 +95,14 @@ func DatabaseName(u string) string {
 	return ""
 }
 
-// StatsFlushPause is how long to leave PostgreSQL alone before reading pg_stat_database: a
-// backend publishes its counters at most once a second (PGSTAT_MIN_INTERVAL), and an idle one
-// publishes what it holds within that second.
-const StatsFlushPause = 1100 * time.Millisecond
-
-// XactCommits returns pg_stat_database.xact_commit of database datname after pausing
-// StatsFlushPause, so that every backend has published what it counted. The reading
-// connection's own counters are flushed first (pg_stat_force_next_flush, PostgreSQL 15+; older
-// servers rely on the pause alone) and the statistics snapshot is cleared, so the value is fresh.
-// Every transaction counts, read-only ones included.
+// XactCommits returns pg_stat_database.xact_commit of database datname as published so far. Every
+// transaction counts, read-only ones included. The reading connection's own counters are flushed
+// first (pg_stat_force_next_flush, PostgreSQL 15+) and the statistics snapshot is cleared, so the
+// value is fresh; other backends publish theirs at most once a second, and a busy server may hold
+// an idle backend's counters back for 10s more (a flush that finds its lock taken is retried after
+// PGSTAT_IDLE_INTERVAL). A backend that disconnects publishes everything first, so closing the
+// pools that did the work before reading is the exact way.
 func XactCommits(ctx context.Context, pool *pgxpool.Pool, datname string) (int64, error) {
-	select {
-	case <-time.After(StatsFlushPause):
-	case <-ctx.Done():
-		return 0, ctx.Err()
-	}
 	conn, err := pool.Acquire(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("read xact_commit: %w", err)

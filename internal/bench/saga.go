@@ -61,6 +61,10 @@ type SagaConfig struct {
 	CPUProfile string
 	// Keep leaves the throwaway database in place.
 	Keep bool
+	// StatsPause is how long to wait for an external coordinator's backends to publish their
+	// counters before reading them (an in-process coordinator is stopped instead, which is
+	// exact); default 11s: a busy server retries a flush that found its lock taken after 10s.
+	StatsPause time.Duration
 	// Logger receives progress; nil = discard. The coordinator's own log is discarded unless
 	// CoordinatorLogger is set.
 	Logger            *slog.Logger
@@ -88,6 +92,9 @@ func (c *SagaConfig) setDefaults() error {
 	}
 	if c.Participants == 0 {
 		c.Participants = c.Steps
+	}
+	if c.StatsPause == 0 {
+		c.StatsPause = 11 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -133,6 +140,10 @@ type SagaResult struct {
 	// a group commit that carries several sagas' writes counts once.
 	CommitsPerSaga float64 `json:"commits_per_saga"`
 	XactCommits    int64   `json:"xact_commits"`
+	// TxRowWritesPerSaga counts the statements that wrote a transaction row (create, and each
+	// fenced record of progress) per saga, from pg_stat_user_tables: the durable writes a saga
+	// costs before group commit shares them. Lease renewals count too (a few per second).
+	TxRowWritesPerSaga float64 `json:"tx_row_writes_per_saga"`
 	// Ratio = SagasPerSec * CommitsPerSaga / PgCommitsPerSec: the share of the server's commit
 	// ceiling the coordinator used. Well below 1 means the time went elsewhere (CPU, round trips).
 	Ratio float64 `json:"ratio"`
@@ -153,6 +164,11 @@ type SagaResult struct {
 	ProcessCPUMsSaga   float64 `json:"process_cpu_ms_per_saga,omitempty"`
 	PgBackendCPUCores  float64 `json:"pg_backend_cpu_cores,omitempty"`
 	PgBackendCPUMsSaga float64 `json:"pg_backend_cpu_ms_per_saga,omitempty"`
+
+	// Signs of a shared machine: checkpoints the whole server ran during the measured phase
+	// (other databases' CREATE/DROP DATABASE force them) and the 1-minute load average at its end.
+	Checkpoints int64   `json:"checkpoints"`
+	LoadAvg1m   float64 `json:"loadavg_1m,omitempty"`
 }
 
 // RunSaga runs the saga benchmark: the commit ceiling first, then a coordinator (in process
@@ -202,7 +218,14 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	res.PgCommitsPerSec = Round3(rate.PerSec)
 	log.Info("commit ceiling", "commits", rate.Commits, "per_sec", int(rate.PerSec))
 
-	stats, err := pgxpool.New(ctx, sagaDB)
+	// One connection reads the counters, so "no other client of the database is left" can be
+	// checked; its own few transactions count in xact_commit too.
+	statsCfg, err := pgxpool.ParseConfig(sagaDB)
+	if err != nil {
+		return SagaResult{}, fmt.Errorf("parse database url: %w", err)
+	}
+	statsCfg.MaxConns = 1
+	stats, err := pgxpool.NewWithConfig(ctx, statsCfg)
 	if err != nil {
 		return SagaResult{}, fmt.Errorf("connect to %s: %w", res.Database, err)
 	}
@@ -224,43 +247,89 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 			return SagaResult{}, fmt.Errorf("start participant %d: %w", i, err)
 		}
 	}
+	spec := sagaSpec(parts, cfg.Steps)
 
-	addr := cfg.Coordinator
-	if addr == "" {
+	// In process, the warm-up and the measured phase each get a coordinator of their own, and
+	// each is stopped before the counters are read: a backend publishes what it counted when its
+	// connection closes, while a busy server may hold an idle backend's counters back for 10s
+	// (PGSTAT_IDLE_INTERVAL), which would make a pause-and-read come out wrong.
+	var coord *app.App
+	startCoord := func(migrate bool) (string, error) {
+		if cfg.Coordinator != "" {
+			return cfg.Coordinator, nil
+		}
 		clog := cfg.CoordinatorLogger
 		if clog == nil {
 			clog = slog.New(slog.DiscardHandler)
 		}
 		a, err := app.Start(ctx, app.Config{
-			DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: "127.0.0.1:0", Migrate: true, Logger: clog,
+			DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: "127.0.0.1:0", Migrate: migrate, Logger: clog,
 			Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch},
 		})
 		if err != nil {
-			return SagaResult{}, fmt.Errorf("start coordinator: %w", err)
+			return "", fmt.Errorf("start coordinator: %w", err)
 		}
-		defer func() {
-			sctx, cancel := context.WithTimeout(cleanupCtx, 30*time.Second)
-			defer cancel()
-			err = errors.Join(err, a.Stop(sctx))
-		}()
-		addr = a.Addr
+		coord = a
+		return a.Addr, nil
 	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return SagaResult{}, fmt.Errorf("dial coordinator %s: %w", addr, err)
+	// stopCoord stops the in-process coordinator and waits until its backends are gone; with an
+	// external coordinator it pauses for PostgreSQL's periodic flush instead.
+	stopCoord := func() error {
+		if coord == nil {
+			log.Info("waiting for the coordinator's backends to publish their counters", "pause", cfg.StatsPause)
+			select {
+			case <-time.After(cfg.StatsPause):
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		a := coord
+		coord = nil
+		sctx, cancel := context.WithTimeout(cleanupCtx, 30*time.Second)
+		defer cancel()
+		if err := a.Stop(sctx); err != nil {
+			return fmt.Errorf("stop coordinator: %w", err)
+		}
+		return waitOtherClientsGone(ctx, stats, res.Database)
 	}
-	defer conn.Close()
-	client := treatyv1.NewCoordinatorClient(conn)
-	spec := sagaSpec(parts, cfg.Steps)
+	defer func() {
+		if coord != nil {
+			err = errors.Join(err, stopCoord())
+		}
+	}()
+	// phase runs the clients against the coordinator at addr for d.
+	phase := func(addr string, d time.Duration) (clientRun, error) {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return clientRun{}, fmt.Errorf("dial coordinator %s: %w", addr, err)
+		}
+		defer conn.Close()
+		return runSagaClients(ctx, treatyv1.NewCoordinatorClient(conn), spec, cfg.Concurrency, d)
+	}
 
+	addr, err := startCoord(true)
+	if err != nil {
+		return SagaResult{}, err
+	}
 	if cfg.Warmup > 0 {
-		log.Info("warming up", "duration", cfg.Warmup)
-		if _, err := runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Warmup); err != nil {
+		log.Info("warming up", "duration", cfg.Warmup, "coordinator", addr)
+		if _, err := phase(addr, cfg.Warmup); err != nil {
 			return SagaResult{}, fmt.Errorf("warm-up: %w", err)
 		}
 	}
+	if err := stopCoord(); err != nil {
+		return SagaResult{}, err
+	}
 	before, err := XactCommits(ctx, stats, res.Database)
 	if err != nil {
+		return SagaResult{}, err
+	}
+	writes0, err := txRowWrites(ctx, stats)
+	if err != nil {
+		return SagaResult{}, err
+	}
+	if addr, err = startCoord(false); err != nil {
 		return SagaResult{}, err
 	}
 
@@ -281,21 +350,38 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	if err != nil {
 		return SagaResult{}, err
 	}
-	log.Info("measuring", "duration", cfg.Duration, "steps", cfg.Steps, "concurrency", cfg.Concurrency)
-	run, runErr := runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Duration)
+	ckpt0, err := checkpoints(ctx, stats)
+	if err != nil {
+		return SagaResult{}, err
+	}
+	log.Info("measuring", "duration", cfg.Duration, "steps", cfg.Steps, "concurrency", cfg.Concurrency, "coordinator", addr)
+	run, runErr := phase(addr, cfg.Duration)
 	runtime.ReadMemStats(&ms1)
 	cpu1, _ := processCPU()
+	if cfg.CPUProfile != "" {
+		pprof.StopCPUProfile()
+	}
 	pg1, err := pgBackendsCPU(ctx, stats, res.Database)
 	if err != nil {
 		return SagaResult{}, err
 	}
-	if cfg.CPUProfile != "" {
-		pprof.StopCPUProfile()
+	ckpt1, err := checkpoints(ctx, stats)
+	if err != nil {
+		return SagaResult{}, err
 	}
+	res.Checkpoints = ckpt1 - ckpt0
+	res.LoadAvg1m = loadAvg()
 	if runErr != nil && run.ok == 0 {
 		return SagaResult{}, runErr
 	}
+	if err := stopCoord(); err != nil {
+		return SagaResult{}, err
+	}
 	after, err := XactCommits(ctx, stats, res.Database)
+	if err != nil {
+		return SagaResult{}, err
+	}
+	writes1, err := txRowWrites(ctx, stats)
 	if err != nil {
 		return SagaResult{}, err
 	}
@@ -310,6 +396,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs = Millis(lat.Mean), Millis(lat.P50), Millis(lat.P90), Millis(lat.P99), Millis(lat.Max)
 		// Failed sagas wrote too; divide by every saga submitted so the figure is not inflated.
 		res.CommitsPerSaga = Round3(float64(res.XactCommits) / float64(run.ok+run.failed))
+		res.TxRowWritesPerSaga = Round3(float64(writes1-writes0) / float64(run.ok+run.failed))
 		if cpuOK {
 			res.ProcessCPUCores = Round3((cpu1 - cpu0).Seconds() / run.elapsed.Seconds())
 			res.ProcessCPUMsSaga = Millis((cpu1 - cpu0) / time.Duration(run.ok))
@@ -360,6 +447,58 @@ func pgBackendsCPU(ctx context.Context, pool *pgxpool.Pool, datname string) (bac
 		}
 	}
 	return out, nil
+}
+
+// txRowWrites returns how many rows of treaty_transactions were inserted or updated so far, as
+// published in pg_stat_user_tables.
+func txRowWrites(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
+	var n int64
+	err := pool.QueryRow(ctx, `SELECT pg_stat_clear_snapshot(), coalesce(sum(n_tup_ins + n_tup_upd), 0)::bigint
+        FROM pg_stat_user_tables WHERE relname = 'treaty_transactions'`).Scan(nil, &n)
+	if err != nil {
+		return 0, fmt.Errorf("read treaty_transactions write count: %w", err)
+	}
+	return n, nil
+}
+
+// waitOtherClientsGone waits until no client but the caller's connection is connected to
+// datname: every backend that went has published its counters by then (PostgreSQL flushes them
+// before it leaves pg_stat_activity).
+func waitOtherClientsGone(ctx context.Context, pool *pgxpool.Pool, datname string) error {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		var n int
+		err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+            WHERE datname = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid()`, datname).Scan(&n)
+		if err != nil {
+			return fmt.Errorf("wait for the coordinator's connections to %s to close: %w", datname, err)
+		}
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return fmt.Errorf("wait for the coordinator's connections to %s to close: %d still open: %w", datname, n, ctx.Err())
+		}
+	}
+}
+
+// checkpoints returns how many checkpoints the server has run (timed and requested).
+func checkpoints(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
+	var n int64
+	err := pool.QueryRow(ctx, `SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter`).Scan(&n)
+	if err != nil {
+		// PostgreSQL 17 moved the counters to their own view.
+		err = pool.QueryRow(ctx, `SELECT num_timed + num_requested FROM pg_stat_checkpointer`).Scan(&n)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read checkpoint count: %w", err)
+	}
+	return n, nil
 }
 
 // sagaSpec builds a saga of n sequential no-op steps spread over the participants.
@@ -484,6 +623,7 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	fs.IntVar(&cfg.CommitWorkers, "commit-workers", 0, "group commits in flight at once in the in-process coordinator (default: the engine's)")
 	fs.IntVar(&cfg.CommitBatch, "commit-batch", 0, "most records per group commit in the in-process coordinator (default: the engine's)")
 	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured phase to this file")
+	fs.DurationVar(&cfg.StatsPause, "stats-pause", 11*time.Second, "with --coordinator: how long to let its backends publish their counters before reading them")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the treaty_bench_* database instead of dropping it")
 	fs.BoolVar(&verbose, "v", false, "log the coordinator's warnings too")
 	if err := fs.Parse(args); err != nil {
@@ -494,6 +634,21 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "treaty-bench saga: unexpected argument %q (flags start with --)\n", fs.Arg(0))
+		return 2
+	}
+	// On the command line 0 is a value, not "the default" as in SagaConfig.
+	switch {
+	case cfg.Steps == 0:
+		fmt.Fprintln(stderr, "treaty-bench saga: --steps is 0, must be within 1..64")
+		return 2
+	case cfg.Concurrency == 0:
+		fmt.Fprintln(stderr, "treaty-bench saga: --concurrency is 0, must be within 1..1024")
+		return 2
+	case cfg.Duration <= 0:
+		fmt.Fprintf(stderr, "treaty-bench saga: --duration is %s, must be positive\n", cfg.Duration)
+		return 2
+	case cfg.Baseline <= 0:
+		fmt.Fprintf(stderr, "treaty-bench saga: --baseline is %s, must be positive\n", cfg.Baseline)
 		return 2
 	}
 	if cfg.Warmup == 0 {
@@ -512,8 +667,9 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 		res.Steps, res.Concurrency, res.Participants, res.Coordinator, res.PgVersion)
 	fmt.Fprintf(stdout, "  %d sagas in %.1fs (%d failed): %.0f sagas/s; latency mean %.2fms p50 %.2fms p90 %.2fms p99 %.2fms max %.2fms\n",
 		res.Sagas, res.Seconds, res.Failed, res.SagasPerSec, res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs)
-	fmt.Fprintf(stdout, "  PostgreSQL ceiling %.0f commits/s; %.2f commits per saga (%d xact_commit); ratio %.3f\n",
-		res.PgCommitsPerSec, res.CommitsPerSaga, res.XactCommits, res.Ratio)
+	fmt.Fprintf(stdout, "  PostgreSQL ceiling %.0f commits/s; %.2f commits per saga (%d xact_commit, read-only ones included; %.2f transaction-row writes per saga); ratio %.3f\n",
+		res.PgCommitsPerSec, res.CommitsPerSaga, res.XactCommits, res.TxRowWritesPerSaga, res.Ratio)
+	fmt.Fprintf(stdout, "  machine: %d checkpoints during the phase (whole server), load average %.2f\n", res.Checkpoints, res.LoadAvg1m)
 	if res.ProcessCPUCores > 0 || res.PgBackendCPUCores > 0 {
 		fmt.Fprintf(stdout, "  CPU: this process %.2f cores (%.3f ms/saga), PostgreSQL backends %.2f cores (%.3f ms/saga), of %d cores\n",
 			res.ProcessCPUCores, res.ProcessCPUMsSaga, res.PgBackendCPUCores, res.PgBackendCPUMsSaga, res.NumCPU)

@@ -22,6 +22,20 @@ func processCPU() (time.Duration, bool) {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), true
 }
 
+// loadAvg returns the 1-minute load average (0 when unknown).
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
+}
+
 // backendCPU returns the CPU time (user + system) of the PostgreSQL backend with this pid, when
 // the server runs on this machine and /proc shows it. A remote server's pid could name an
 // unrelated local process, so the process must be a postgres backend of database datname.

@@ -9,3 +9,6 @@ func processCPU() (time.Duration, bool) { return 0, false }
 
 // backendCPU is only measured on Linux, with the server on the same machine.
 func backendCPU(int32, string) (time.Duration, bool) { return 0, false }
+
+// loadAvg is only read on Linux.
+func loadAvg() float64 { return 0 }

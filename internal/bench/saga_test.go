@@ -1,0 +1,161 @@
+package bench_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/bench"
+	"github.com/treatyhq/treaty/internal/pgtest"
+)
+
+func TestMain(m *testing.M) {
+	code := pgtest.WrapTestMain(m)
+	if code == 0 {
+		if err := goleak.Find(goleak.IgnoreTopFunction("github.com/jackc/pgx/v5/pgxpool.(*Pool).backgroundHealthCheck")); err != nil {
+			os.Stderr.WriteString("goleak: " + err.Error() + "\n")
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// runSagaMain runs `treaty-bench saga` in process and returns its exit code, stdout and stderr.
+func runSagaMain(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	code := bench.SagaMain(t.Context(), args, &stdout, &stderr, func(string) string { return "" })
+	return code, stdout.String(), stderr.String()
+}
+
+// lastJSON parses the last line of out as the result object.
+func lastJSON(t *testing.T, out string) map[string]any {
+	t.Helper()
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	var res map[string]any
+	require.NoError(t, json.Unmarshal([]byte(lines[len(lines)-1]), &res), "last line: %s", lines[len(lines)-1])
+	return res
+}
+
+// databaseExists reports whether the server behind url has a database called name.
+func databaseExists(t *testing.T, url, name string) bool {
+	t.Helper()
+	conn, err := pgx.Connect(t.Context(), url)
+	require.NoError(t, err)
+	defer conn.Close(context.Background())
+	var n int
+	require.NoError(t, conn.QueryRow(t.Context(), `SELECT count(*) FROM pg_database WHERE datname = $1`, name).Scan(&n))
+	return n == 1
+}
+
+func requirePositive(t *testing.T, res map[string]any, fields ...string) {
+	t.Helper()
+	for _, f := range fields {
+		v, ok := res[f].(float64)
+		require.True(t, ok, "field %q missing or not a number in %v", f, res)
+		require.Greater(t, v, 0.0, "field %q", f)
+	}
+}
+
+// The bench in process, briefly: it prints one JSON object as its last line with the figures the
+// issue asks for, all positive, and drops the database it created.
+func TestSagaBenchInProcess(t *testing.T) {
+	t.Parallel()
+	db := pgtest.NewDatabase(t)
+	code, out, errOut := runSagaMain(t, "--db", db, "--steps", "3", "--concurrency", "4",
+		"--duration", "1s", "--warmup", "200ms", "--baseline", "500ms")
+	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
+	res := lastJSON(t, out)
+	requirePositive(t, res, "sagas_per_sec", "p50_ms", "p99_ms", "pg_commits_per_sec", "commits_per_saga",
+		"ratio", "sagas", "xact_commits", "tx_row_writes_per_saga")
+	require.Equal(t, 0.0, res["failed"])
+	require.Equal(t, 3.0, res["steps"])
+	require.Equal(t, 4.0, res["concurrency"])
+	require.Equal(t, 3.0, res["participants"], "one participant server per step by default")
+	require.Equal(t, "in-process", res["coordinator"])
+	require.LessOrEqual(t, res["p50_ms"].(float64), res["p99_ms"].(float64))
+	// A saga writes its transaction row at least once per step plus its creation: anything less
+	// means the counters were read before PostgreSQL published them.
+	require.GreaterOrEqual(t, res["tx_row_writes_per_saga"].(float64), 4.0)
+	require.GreaterOrEqual(t, res["commits_per_saga"].(float64), 2.0)
+	name, _ := res["database"].(string)
+	require.True(t, strings.HasPrefix(name, "treaty_bench_"), "database %q", name)
+	require.False(t, databaseExists(t, db, name), "database %s was not dropped", name)
+}
+
+// Against a coordinator that is already running: the sagas land in that coordinator's database,
+// whose counters the bench reads, and the bench's own throwaway database is gone afterwards.
+func TestSagaBenchExternalCoordinator(t *testing.T) {
+	t.Parallel()
+	db := pgtest.NewDatabase(t)
+	a, err := app.Start(t.Context(), app.Config{DB: db, Listen: "127.0.0.1:0", Migrate: true})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, a.Stop(ctx))
+	})
+	code, out, errOut := runSagaMain(t, "--db", db, "--coordinator", a.Addr, "--steps", "2", "--participants", "1",
+		"--concurrency", "2", "--duration", "1s", "--warmup", "0", "--baseline", "300ms")
+	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
+	res := lastJSON(t, out)
+	requirePositive(t, res, "sagas_per_sec", "p50_ms", "p99_ms", "pg_commits_per_sec", "commits_per_saga", "ratio")
+	require.Equal(t, a.Addr, res["coordinator"])
+	require.Equal(t, 1.0, res["participants"])
+	require.Equal(t, bench.DatabaseName(db), res["database"])
+
+	var stored int
+	conn, err := pgx.Connect(t.Context(), db)
+	require.NoError(t, err)
+	defer conn.Close(context.Background())
+	require.NoError(t, conn.QueryRow(t.Context(), `SELECT count(*) FROM treaty_transactions WHERE status = 'succeeded'`).Scan(&stored))
+	require.GreaterOrEqual(t, float64(stored), res["sagas"].(float64), "the sagas are in the coordinator's database")
+}
+
+// Flags are checked before anything starts, and errors name the flag and its limit.
+func TestSagaBenchRejectsBadFlags(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--steps", "3"}, "--db (or TREATY_DB) is required"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--steps", "0"}, "--steps is 0, must be within 1..64"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--concurrency", "-1"}, "--concurrency is -1, must be within 1..1024"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--steps", "2", "--participants", "3"}, "--participants is 3, must be within 1..2"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1", "--coordinator", "127.0.0.1:7600"}, "--db must name the coordinator's database"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "extra"}, `unexpected argument "extra"`},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--duration", "0s"}, "--duration is 0s, must be positive"},
+	} {
+		code, out, errOut := runSagaMain(t, tc.args...)
+		require.NotEqual(t, 0, code, "args %v", tc.args)
+		require.Empty(t, out, "args %v", tc.args)
+		require.Contains(t, errOut, tc.want, "args %v", tc.args)
+	}
+}
+
+func TestSummarize(t *testing.T) {
+	t.Parallel()
+	var ds []time.Duration
+	for i := 100; i >= 1; i-- {
+		ds = append(ds, time.Duration(i)*time.Millisecond)
+	}
+	l := bench.Summarize(ds)
+	require.Equal(t, 100, l.N)
+	require.Equal(t, 50*time.Millisecond, l.P50)
+	require.Equal(t, 90*time.Millisecond, l.P90)
+	require.Equal(t, 99*time.Millisecond, l.P99)
+	require.Equal(t, 100*time.Millisecond, l.Max)
+	require.Equal(t, 50500*time.Microsecond, l.Mean)
+	require.Equal(t, bench.Latencies{}, bench.Summarize(nil))
+	require.Equal(t, 1.5, bench.Millis(1500*time.Microsecond))
+}
