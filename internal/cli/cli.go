@@ -36,6 +36,8 @@ const topUsage = `Treaty coordinator: durable sagas over gRPC, state in PostgreS
 Usage:
   coordinator serve   --db URL [flags]   serve the gRPC API and drive transactions
   coordinator migrate --db URL [flags]   create or upgrade the schema (safe to run twice, or at once)
+  coordinator dev [flags]                everything on one machine with nothing installed: embedded
+                                         SQLite store and Kafka-protocol broker (not for production)
 
 Run 'coordinator COMMAND --help' for the flags of a command. Every flag can also be set by an
 environment variable: --db is TREATY_DB, --listen is TREATY_LISTEN, and so on.`
@@ -64,6 +66,8 @@ func Main(ctx context.Context, args []string, env Env) int {
 		err = serve(ctx, args[1:], env)
 	case "migrate":
 		err = migrateCmd(ctx, args[1:], env)
+	case "dev":
+		err = dev(ctx, args[1:], env)
 	default:
 		fmt.Fprintf(env.Stderr, "unknown command %q\n\n%s\n", args[0], topUsage)
 		return 2
