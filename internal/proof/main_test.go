@@ -1,0 +1,22 @@
+package proof
+
+import (
+	"os"
+	"testing"
+
+	"go.uber.org/goleak"
+
+	"github.com/treatyhq/treaty/internal/pgtest"
+)
+
+func TestMain(m *testing.M) {
+	code := pgtest.WrapTestMain(m)
+	if code == 0 {
+		// The pool's health check goroutine outlives Close by a moment; everything else must be gone.
+		if err := goleak.Find(goleak.IgnoreTopFunction("github.com/jackc/pgx/v5/pgxpool.(*Pool).backgroundHealthCheck")); err != nil {
+			os.Stderr.WriteString("goleak: " + err.Error() + "\n")
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
