@@ -7,8 +7,10 @@
 //
 // The suite checks what the engine relies on: creation is idempotent per gid even under
 // concurrency, leases come from the database clock, every write after a claim is fenced by
-// epoch, claiming never hands one transaction to two owners, and branch and event data
-// round-trip. Timing checks compare against the store's own Now, so they hold for any backend
+// epoch, claiming never hands one transaction to two owners, branch and event data round-trip,
+// a transaction waiting for its initiator (unleased) takes branches only while open and is
+// moved on by a Transition that a concurrent registration cannot slip past, and registered
+// workflows are versioned per name. Timing checks compare against the store's own Now, so they hold for any backend
 // whose leases use the same clock that Now reads.
 package storetest
 
@@ -49,6 +51,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Create/BranchesAndEventsRoundTrip", testCreateRoundTrip},
 		{"Create/ExistingGIDWritesNothing", testCreateExisting},
 		{"Create/ConcurrentSameGIDCreatesOnce", testCreateConcurrent},
+		{"Create/UnleasedIsDueAtDeadline", testCreateUnleased},
 		{"Record/UpdatesAndExtendsLease", testRecordUpdates},
 		{"Record/UpsertsChangedBranches", testRecordUpsertBranches},
 		{"Record/StaleEpochWritesNothing", testRecordStale},
@@ -65,9 +68,22 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"ReleaseLeases/ClaimableAtOnce", testReleaseNow},
 		{"ReleaseLeases/ClaimableAtNextAttempt", testReleaseLater},
 		{"ReleaseLeases/IgnoresWrongOwnerOrEpoch", testReleaseWrong},
+		{"RegisterBranches/AddsWhileOpen", testRegisterAdds},
+		{"RegisterBranches/ExistingLeftUnchanged", testRegisterExisting},
+		{"RegisterBranches/RefusedWhenNotOpen", testRegisterRefused},
+		{"RegisterBranches/RaceWithTransitionSerializes", testRegisterTransitionRace},
+		{"Transition/MovesAndLeasesAtNewEpoch", testTransitionMoves},
+		{"Transition/AnyOfFromWithReason", testTransitionReason},
+		{"Transition/RefusedOutsideFromOrWhileLeased", testTransitionRefused},
+		{"Transition/TakesOverExpiredLease", testTransitionExpired},
 		{"GetTransaction/NotFound", testGetNotFound},
 		{"ListEvents/InOrderPerTransaction", testListEvents},
+		{"ListEvents/UnknownGIDIsEmpty", testListEventsUnknown},
 		{"Branch/UncertainAndNextAttemptRoundTrip", testBranchRoundTrip},
+		{"Branch/SpecWrittenOnceAndClaimed", testBranchSpec},
+		{"Workflow/VersionsPerName", testWorkflowVersions},
+		{"Workflow/ConcurrentSameDefinitionOnce", testWorkflowConcurrent},
+		{"Stats/CountsAndBacklog", testStats},
 		{"Now/IsTheLeaseClock", testNow},
 		{"Ping/Current", testPing},
 	}
