@@ -221,6 +221,22 @@ type StatusCount struct {
 // a healthy recovery loop ever lets it wait.
 const OverdueAfter = 30 * time.Second
 
+// ListFilter selects transactions for the admin list. Zero fields do not filter.
+type ListFilter struct {
+	Statuses      []string
+	Modes         []string
+	Workflow      string
+	GIDPrefix     string
+	CreatedAfter  time.Time
+	CreatedBefore time.Time
+	UpdatedAfter  time.Time
+	UpdatedBefore time.Time
+	// After is the cursor: list transactions created before this one (newest first).
+	AfterCreated time.Time
+	AfterGID     string
+	Limit        int
+}
+
 // Store is the coordinator's durable state.
 type Store interface {
 	// CreateTransaction inserts a transaction with its branches and events in one commit, or
@@ -253,6 +269,9 @@ type Store interface {
 	// ListWorkflows returns every version of every workflow (or of name, if given), by name
 	// then version.
 	ListWorkflows(ctx context.Context, name string) ([]Workflow, error)
+	// ListTransactions returns transactions matching f, newest first (created_at, gid
+	// descending), at most f.Limit, without branches.
+	ListTransactions(ctx context.Context, f ListFilter) ([]Transaction, error)
 	// Stats summarises the transactions.
 	Stats(ctx context.Context) (Stats, error)
 	// Now returns the database clock.

@@ -482,6 +482,52 @@ func (s *Store) ListWorkflows(ctx context.Context, name string) ([]store.Workflo
 	return out, rows.Err()
 }
 
+const listSQL = `SELECT ` + txColumns + ` FROM treaty_transactions
+WHERE (cardinality($1::text[]) = 0 OR status = ANY($1))
+  AND (cardinality($2::text[]) = 0 OR mode = ANY($2))
+  AND ($3 = '' OR workflow_name = $3)
+  AND ($4 = '' OR starts_with(gid, $4))
+  AND ($5::timestamptz IS NULL OR created_at >= $5)
+  AND ($6::timestamptz IS NULL OR created_at < $6)
+  AND ($7::timestamptz IS NULL OR updated_at >= $7)
+  AND ($8::timestamptz IS NULL OR updated_at < $8)
+  AND ($9::timestamptz IS NULL OR (created_at, gid) < ($9, $10))
+ORDER BY created_at DESC, gid DESC
+LIMIT $11`
+
+func optTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
+}
+
+// ListTransactions implements store.Store.
+func (s *Store) ListTransactions(ctx context.Context, f store.ListFilter) ([]store.Transaction, error) {
+	if f.Statuses == nil {
+		f.Statuses = []string{}
+	}
+	if f.Modes == nil {
+		f.Modes = []string{}
+	}
+	rows, err := s.pool.Query(ctx, listSQL, f.Statuses, f.Modes, f.Workflow, f.GIDPrefix,
+		optTime(f.CreatedAfter), optTime(f.CreatedBefore), optTime(f.UpdatedAfter), optTime(f.UpdatedBefore),
+		optTime(f.AfterCreated), f.AfterGID, f.Limit)
+	if err != nil {
+		return nil, fmt.Errorf("list transactions: %w", err)
+	}
+	defer rows.Close()
+	var out []store.Transaction
+	for rows.Next() {
+		t, err := scanTx(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list transactions: %w", err)
+		}
+		out = append(out, t)
+	}
+	return out, rows.Err()
+}
+
 // Stats implements store.Store. The per-status counts scan the status index; the backlog uses
 // the partial index of live transactions.
 func (s *Store) Stats(ctx context.Context) (store.Stats, error) {

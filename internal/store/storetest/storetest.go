@@ -84,6 +84,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Workflow/VersionsPerName", testWorkflowVersions},
 		{"Workflow/ConcurrentSameDefinitionOnce", testWorkflowConcurrent},
 		{"Stats/CountsAndBacklog", testStats},
+		{"ListTransactions/FiltersAndPages", testList},
 		{"Now/IsTheLeaseClock", testNow},
 		{"Ping/Current", testPing},
 	}
