@@ -11,6 +11,9 @@ import (
 	"github.com/segmentio/kafka-go"
 )
 
+// linger is the pause after a small batch.
+const linger = 3 * time.Millisecond
+
 // errTemporary marks a batch that hit a temporary failure: the relay backs off.
 var errTemporary = errors.New("temporary publish failure")
 
@@ -29,12 +32,21 @@ func (r *Relay) batchLoop(ctx context.Context) {
 		idle = v
 	}
 	defer func() {
+		if err := r.waitMark(); err != nil {
+			r.log.Warn("relay: " + err.Error() + "; another relay publishes them again")
+		}
 		if idle {
 			setIdle(false)
 		}
 	}()
 	for ctx.Err() == nil {
-		r.applyReleases(ctx)
+		if r.releasePending() {
+			// A released slot's rows must be marked while the slot is still ours.
+			if err := r.waitMark(); err != nil {
+				r.log.Warn("relay: " + err.Error())
+			}
+			r.applyReleases(ctx)
+		}
 		slots, epochs := r.readable()
 		if len(slots) == 0 {
 			if !r.sleep(ctx, r.cfg.PollInterval, true) {
@@ -59,6 +71,21 @@ func (r *Relay) batchLoop(ctx context.Context) {
 			quick = 0
 			if idle {
 				setIdle(false)
+			}
+			if n < r.cfg.BatchSize/4 {
+				// A small batch: let a few milliseconds of messages gather rather than pay a
+				// read, a produce and a write for a handful each time.
+				if !r.sleep(ctx, linger, false) {
+					return
+				}
+			}
+			continue
+		}
+		if r.pending != nil {
+			// Nothing new, but the last batch's mark may still be in flight: wait for it, so
+			// that rows it failed to mark are read again rather than excluded.
+			if err := r.waitMark(); err != nil {
+				r.log.Warn("relay: " + err.Error())
 			}
 			continue
 		}
@@ -118,9 +145,17 @@ func (o *outRow) keyID() string {
 // publishes them and records the outcome, fenced by the slots' epochs. The batch in flight
 // finishes even when ctx ends.
 func (r *Relay) batch(ctx context.Context, slots []int32, epochs []int64) (int, error) {
+	var markErr error
+	if r.pending != nil {
+		select {
+		case <-r.pending.finished:
+			markErr = r.waitMark() // done: its rows are no longer excluded from the read
+		default:
+		}
+	}
 	rows, err := r.read(ctx, slots)
 	if err != nil || len(rows) == 0 {
-		return 0, err
+		return 0, errors.Join(err, markErr)
 	}
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*r.cfg.WriteTimeout+10*time.Second)
 	defer cancel()
@@ -143,13 +178,16 @@ func (r *Relay) batch(ctx context.Context, slots []int32, epochs []int64) (int, 
 			failed = append(failed, o)
 		}
 	}
+	if len(ok) > 0 {
+		// One mark in flight at a time: the previous batch's must be done before this one's
+		// starts. It runs while the next batch is read and published.
+		markErr = errors.Join(markErr, r.waitMark())
+	}
 	if len(ok) > 0 && r.cfg.AfterPublish != nil {
 		r.cfg.AfterPublish()
 	}
 	if len(ok) > 0 {
-		if err := r.markSent(fctx, ok, slots, epochs); err != nil {
-			return len(rows), fmt.Errorf("mark %d messages sent: %w", len(ok), err)
-		}
+		r.startMark(ctx, ok, slots, epochs)
 		b := PublishedBatch{Messages: make([]PublishedMessage, len(ok)), Duration: acked.Sub(start), AckedAt: acked}
 		for i, o := range ok {
 			b.Messages[i] = PublishedMessage{ID: o.msgID, Topic: o.topic, CreatedAt: o.createdAt}
@@ -171,7 +209,51 @@ func (r *Relay) batch(ctx context.Context, slots []int32, epochs []int64) (int, 
 		r.obs.PublishFailed("", n, true, tempErr)
 		return len(rows), fmt.Errorf("%w: %d messages: %w", errTemporary, n, tempErr)
 	}
-	return len(rows), nil
+	return len(rows), markErr
+}
+
+// markJob is a batch's mark-sent write, in flight while the next batch is read and published.
+// Only the batch loop touches Relay.pending.
+type markJob struct {
+	ids      map[int64]bool
+	done     chan error
+	finished chan struct{} // closed with done's value sent
+}
+
+func (r *Relay) startMark(ctx context.Context, ok []*outRow, slots []int32, epochs []int64) {
+	job := &markJob{ids: make(map[int64]bool, len(ok)), done: make(chan error, 1), finished: make(chan struct{})}
+	for _, o := range ok {
+		job.ids[o.id] = true
+	}
+	mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.WriteTimeout+10*time.Second)
+	go func() {
+		defer cancel()
+		job.done <- r.markSent(mctx, ok, slots, epochs)
+		close(job.finished)
+	}()
+	r.pending = job
+}
+
+// waitMark waits for the mark in flight, if any. A failed mark leaves the rows unsent: they
+// are published again (duplicates, dropped by id) after the relay backs off.
+func (r *Relay) waitMark() error {
+	if r.pending == nil {
+		return nil
+	}
+	err := <-r.pending.done
+	n := len(r.pending.ids)
+	r.pending = nil
+	if err != nil {
+		return fmt.Errorf("mark %d messages sent: %w", n, err)
+	}
+	return nil
+}
+
+func (r *Relay) pendingCount() int {
+	if r.pending == nil {
+		return 0
+	}
+	return len(r.pending.ids)
 }
 
 func (r *Relay) read(ctx context.Context, slots []int32) ([]*outRow, error) {
@@ -184,7 +266,7 @@ WHERE o.sent_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM `+r.n.holds+` h
                   WHERE h.slot = o.slot AND h.topic = o.topic AND h.key = o.key AND (h.until IS NULL OR h.until > now()))
 ORDER BY o.xid, o.id
-LIMIT $2`, slots, r.cfg.BatchSize)
+LIMIT $2`, slots, r.cfg.BatchSize+r.pendingCount())
 	if err != nil {
 		return nil, fmt.Errorf("read outbox: %w", err)
 	}
@@ -195,7 +277,12 @@ LIMIT $2`, slots, r.cfg.BatchSize)
 		if err := rows.Scan(&o.id, &o.msgID, &o.topic, &o.key, &o.value, &o.headers, &o.slot, &o.attempts, &o.lastError, &o.createdAt); err != nil {
 			return nil, fmt.Errorf("read outbox: %w", err)
 		}
-		out = append(out, o)
+		if r.pending != nil && r.pending.ids[o.id] {
+			continue // sent by the previous batch, whose mark is in flight
+		}
+		if len(out) < r.cfg.BatchSize {
+			out = append(out, o)
+		}
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("read outbox: %w", err)
@@ -203,12 +290,14 @@ LIMIT $2`, slots, r.cfg.BatchSize)
 	return out, nil
 }
 
-// heldCTE locks the slot rows still held with the epochs this batch read them under: FOR SHARE
-// keeps a claim by another relay from slipping in before the write commits. Rows are locked
-// in slot order, as everywhere (see lockOwned).
-func (r *Relay) heldCTE() string {
-	return "WITH held AS (SELECT s.slot FROM " + r.n.slots + " s JOIN unnest($2::int[], $3::bigint[]) AS h(slot, epoch)" +
-		" ON h.slot = s.slot AND h.epoch = s.epoch WHERE s.owner = $4 ORDER BY s.slot FOR SHARE OF s) "
+// heldSlots is an array of the slots still held with the epochs this batch read them under,
+// computed once per statement (an InitPlan), not per row. Marking sent needs no lock on them: a
+// row is only marked after its message was acknowledged, so even a write that races a takeover
+// records the truth; the failure path, which changes what a new owner would do, locks them
+// (see recordFailures).
+func (r *Relay) heldSlots() string {
+	return "ARRAY(SELECT s.slot FROM " + r.n.slots + " s JOIN unnest($2::int[], $3::bigint[]) AS h(slot, epoch)" +
+		" ON h.slot = s.slot AND h.epoch = s.epoch WHERE s.owner = $4)"
 }
 
 func (r *Relay) markSent(ctx context.Context, ok []*outRow, slots []int32, epochs []int64) error {
@@ -220,9 +309,9 @@ func (r *Relay) markSent(ctx context.Context, ok []*outRow, slots []int32, epoch
 			suspects = append(suspects, o.msgID)
 		}
 	}
-	q := r.heldCTE() + "DELETE FROM " + r.n.table + " WHERE id = ANY($1) AND slot IN (SELECT slot FROM held)"
+	q := "DELETE FROM " + r.n.table + " WHERE id = ANY($1) AND slot = ANY(" + r.heldSlots() + ")"
 	if r.cfg.Retention > 0 {
-		q = r.heldCTE() + "UPDATE " + r.n.table + " SET sent_at = now() WHERE id = ANY($1) AND slot IN (SELECT slot FROM held)"
+		q = "UPDATE " + r.n.table + " SET sent_at = now() WHERE id = ANY($1) AND slot = ANY(" + r.heldSlots() + ")"
 	}
 	tag, err := r.cfg.Pool.Exec(ctx, q, ids, slots, epochs, r.cfg.ID)
 	if err != nil {
@@ -273,6 +362,8 @@ func (r *Relay) recordFailures(ctx context.Context, failed []*outRow, slots []in
 		return err
 	}
 	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	// FOR SHARE keeps a claim by another relay from slipping in before these changes commit.
+	// Rows are locked in slot order, as everywhere (see lockOwned).
 	valid := map[int32]bool{}
 	rows, err := tx.Query(ctx, "SELECT s.slot FROM "+r.n.slots+" s JOIN unnest($1::int[], $2::bigint[]) AS h(slot, epoch)"+
 		" ON h.slot = s.slot AND h.epoch = s.epoch WHERE s.owner = $3 ORDER BY s.slot FOR SHARE OF s", slots, epochs, r.cfg.ID)

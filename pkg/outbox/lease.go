@@ -227,3 +227,9 @@ func (r *Relay) releaseSlots(ctx context.Context, slots []int32) error {
 		" FROM ("+r.lockOwned("$1", "$2")+") c WHERE s.slot = c.slot", r.cfg.ID, slots)
 	return err
 }
+
+func (r *Relay) releasePending() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.release) > 0
+}

@@ -193,6 +193,8 @@ type Relay struct {
 
 	wake chan struct{} // a notification or a change of slots; buffered, so signals coalesce
 
+	pending *markJob // the batch loop's mark in flight
+
 	startOnce, stopOnce sync.Once
 	cancel              context.CancelFunc
 	wg                  sync.WaitGroup
