@@ -145,7 +145,8 @@ func runMsg(t *rapid.T) {
 	queryTransientPct := rapid.SampledFrom([]int{0, 10, 60}).Draw(t, "query_transient_pct")
 	notSentPct := rapid.SampledFrom([]int{0, 5, 20}).Draw(t, "not_sent_pct")
 	w.latencyMax = rapid.SampledFrom([]int{200, 1000, 5000}).Draw(t, "max_latency_ms")
-	// A crash is a rare draw (rapid favours small numbers, so the largest value is the rare one).
+	// At most this many crashes. Each is the largest value of a range below: rapid favours
+	// small numbers, so that is the rare draw.
 	crashes := rapid.IntRange(0, 3).Draw(t, "crashes")
 
 	s := msg.New(spec)

@@ -152,7 +152,8 @@ func run2PC(t *rapid.T) {
 	transientPct := rapid.SampledFrom([]int{0, 0, 2, 5, 20}).Draw(t, "transient_pct")
 	notSentPct := rapid.SampledFrom([]int{0, 5, 30}).Draw(t, "not_sent_pct")
 	w.latencyMax = rapid.SampledFrom([]int{200, 1000, 5000}).Draw(t, "max_latency_ms")
-	// A crash is a rare draw (rapid favours small numbers, so the largest value is the rare one).
+	// At most this many crashes. Each is the largest value of a range below: rapid favours
+	// small numbers, so that is the rare draw.
 	crashes := rapid.IntRange(0, 3).Draw(t, "crashes")
 
 	s := twopc.New(spec)
