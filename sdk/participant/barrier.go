@@ -40,6 +40,8 @@ type BarrierOptions struct {
 	// (63 for the schema), so derived index names stay within PostgreSQL's limit.
 	// Empty means DefaultBarrierTable.
 	Table string
+	// Dialect is the database's SQL dialect; the zero value is DialectPostgres.
+	Dialect Dialect
 }
 
 // Barrier makes participant calls safe to repeat and to receive out of order. It records each
@@ -47,8 +49,9 @@ type BarrierOptions struct {
 // transaction as the business work, unique on (mode, gid, branch, op). See the package
 // documentation for the rules. A Barrier is immutable and safe for concurrent use.
 type Barrier struct {
-	table string
-	q     barrierSQL
+	table   string
+	dialect Dialect
+	q       barrierSQL
 }
 
 type barrierSQL struct {
@@ -58,7 +61,7 @@ type barrierSQL struct {
 // NewBarrier returns a Barrier on the configured table. It does not touch the database; create
 // the table with EnsureTable, EnsureTableSQL or your migration tool and Schema.
 func NewBarrier(opts BarrierOptions) (*Barrier, error) {
-	q, err := buildBarrierSQL(opts.Table)
+	q, err := buildBarrierSQLFor(opts.Dialect, opts.Table)
 	if err != nil {
 		return nil, err
 	}
@@ -66,7 +69,7 @@ func NewBarrier(opts BarrierOptions) (*Barrier, error) {
 	if table == "" {
 		table = DefaultBarrierTable
 	}
-	return &Barrier{table: table, q: q}, nil
+	return &Barrier{table: table, dialect: opts.Dialect, q: q}, nil
 }
 
 // Table is the configured table name.
@@ -95,6 +98,9 @@ const ensureLockClass = 0x54524254
 
 // EnsureTable creates the barrier table and its index if they do not exist.
 func (b *Barrier) EnsureTable(ctx context.Context, db PgxDB) error {
+	if b.dialect != DialectPostgres {
+		return errNotPgx(b, "EnsureTable")
+	}
 	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1, hashtext($2))", int32(ensureLockClass), b.table); err != nil {
 			return err
@@ -109,7 +115,8 @@ func (b *Barrier) EnsureTable(ctx context.Context, db PgxDB) error {
 	return nil
 }
 
-// EnsureTableSQL is EnsureTable for database/sql (a PostgreSQL driver such as pgx's stdlib).
+// EnsureTableSQL is EnsureTable for database/sql (a PostgreSQL driver such as pgx's stdlib, or
+// SQLite with DialectSQLite).
 func (b *Barrier) EnsureTableSQL(ctx context.Context, db *sql.DB) error {
 	err := func() error {
 		tx, err := db.BeginTx(ctx, nil)
@@ -117,8 +124,11 @@ func (b *Barrier) EnsureTableSQL(ctx context.Context, db *sql.DB) error {
 			return err
 		}
 		defer func() { _ = tx.Rollback() }()
-		if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock($1, hashtext($2))", int32(ensureLockClass), b.table); err != nil {
-			return err
+		// SQLite's single write lock already serializes the CREATE statements.
+		if b.dialect == DialectPostgres {
+			if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock($1, hashtext($2))", int32(ensureLockClass), b.table); err != nil {
+				return err
+			}
 		}
 		for _, stmt := range splitStatements(b.q.schema) {
 			if _, err := tx.ExecContext(ctx, stmt); err != nil {
@@ -174,10 +184,13 @@ func stripComments(s string) string {
 // (PostgreSQL's default); under REPEATABLE READ or SERIALIZABLE a lost race surfaces as a
 // serialization failure, which is safe to retry.
 func (b *Barrier) CallPgx(ctx context.Context, tx pgx.Tx, md Metadata, fn func(ctx context.Context) error) error {
+	if b.dialect != DialectPostgres {
+		return errNotPgx(b, "CallPgx")
+	}
 	return b.call(ctx, pgxRunner{tx}, true, md, fn)
 }
 
-// CallSQL is CallPgx for database/sql with a PostgreSQL driver.
+// CallSQL is CallPgx for database/sql: a PostgreSQL driver, or SQLite with DialectSQLite.
 func (b *Barrier) CallSQL(ctx context.Context, tx *sql.Tx, md Metadata, fn func(ctx context.Context) error) error {
 	return b.call(ctx, sqlRunner{tx}, true, md, fn)
 }
@@ -186,6 +199,9 @@ func (b *Barrier) CallSQL(ctx context.Context, tx *sql.Tx, md Metadata, fn func(
 // commits when the barrier and fn succeed; otherwise it rolls back and returns the error (fn's
 // unchanged). It also commits the marker of an empty rollback.
 func (b *Barrier) CallPgxDB(ctx context.Context, db PgxDB, md Metadata, fn func(ctx context.Context, tx pgx.Tx) error) error {
+	if b.dialect != DialectPostgres {
+		return errNotPgx(b, "CallPgxDB")
+	}
 	if err := md.Validate(); err != nil {
 		return err
 	}
@@ -430,6 +446,9 @@ func (r sqlRunner) rollbackTo(ctx context.Context) error {
 // to resume a flagged transaction: RecommendedRetention (7 days) unless you know better. Run
 // Cleanup periodically (hourly, say) from one place.
 func (b *Barrier) Cleanup(ctx context.Context, db PgxDB, olderThan time.Duration, batch int) (int, error) {
+	if b.dialect != DialectPostgres {
+		return 0, errNotPgx(b, "Cleanup")
+	}
 	return b.cleanup(ctx, olderThan, batch, func(ctx context.Context, args ...any) (int64, error) {
 		tag, err := db.Exec(ctx, b.q.cleanup, args...)
 		return tag.RowsAffected(), err
