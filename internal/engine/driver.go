@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -29,6 +30,10 @@ type driver struct {
 	cancel      context.CancelFunc
 	cancelCause context.CancelCauseFunc
 	results     chan callResult
+	ops         chan opRequest // operator actions for the transaction this driver owns
+	// paused is set by an operator; a paused transaction is recorded without an owner and not
+	// driven until unpaused.
+	paused bool
 }
 
 type callResult struct {
@@ -45,6 +50,7 @@ func (e *Engine) newDriver(gid, mode string, epoch int64, m machine, leaseUntil 
 		persisted:  bs,
 		leaseUntil: leaseUntil,
 		results:    make(chan callResult, len(bs)+1),
+		ops:        make(chan opRequest),
 	}
 	d.ctx, d.cancelCause = context.WithCancelCause(e.baseCtx)
 	d.cancel = func() { d.cancelCause(context.Canceled) }
@@ -156,6 +162,25 @@ func (d *driver) run() {
 					break drain
 				}
 			}
+		case req := <-d.ops:
+			if req.op.Action == ActionPause && inFlight > 0 {
+				req.reply <- fmt.Errorf("%w: %d participant calls are in flight; pause once they land (try again)", ErrConflict, inFlight)
+				break
+			}
+			events, err := d.applyOperation(req.op)
+			if err != nil {
+				req.reply <- fmt.Errorf("%w: %w", ErrConflict, err)
+				break
+			}
+			if !d.persist(append(pending, events...)) {
+				req.reply <- fmt.Errorf("%w: lost the transaction while recording the action; try again", ErrConflict)
+				return
+			}
+			pending = pending[:0]
+			req.reply <- nil
+			if d.paused {
+				return // recorded without an owner; nobody drives it until unpaused
+			}
 		case <-timerC:
 		case <-stopCh:
 			stopping, stopCh = true, nil
@@ -244,7 +269,8 @@ func (d *driver) persist(events []store.Event) bool {
 		GID: d.gid, Epoch: d.epoch,
 		Status:   d.m.status(),
 		Reason:   d.m.reason(),
-		Terminal: d.m.terminal(),
+		Terminal: d.m.terminal() || d.paused,
+		Paused:   d.paused,
 		Lease:    d.e.cfg.Lease,
 		Events:   events,
 	}

@@ -5,6 +5,7 @@ import (
 
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/pkg/saga"
 )
 
 // machine adapts one mode's pure state machine (pkg/saga, pkg/tcc, pkg/twopc) to the driver.
@@ -22,6 +23,9 @@ type machine interface {
 	// branches is the durable view of every branch, in a fixed order; the driver writes only
 	// those that changed since the last write.
 	branches() []store.Branch
+	// operate applies an operator action; branch names the branch for saga.ActionResolve. A
+	// refusal wraps saga.ErrNotAllowed.
+	operate(op saga.Operation, branch string) ([]store.Event, error)
 }
 
 // dispatch is one participant call a machine asked for.
@@ -57,4 +61,14 @@ func nextAttempt(bs []store.Branch) time.Time {
 func sameBranch(a, b store.Branch) bool {
 	return a.Status == b.Status && a.Attempts == b.Attempts && a.LastError == b.LastError &&
 		a.NextAttemptAt.Equal(b.NextAttemptAt) && a.Uncertain == b.Uncertain
+}
+
+// branchIndex finds a branch by name; -1 when there is none.
+func branchIndex(names func(i int) string, n int, name string) int {
+	for i := range n {
+		if names(i) == name {
+			return i
+		}
+	}
+	return -1
 }

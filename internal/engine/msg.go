@@ -275,3 +275,16 @@ func (m *msgMachine) branches() []store.Branch {
 	}
 	return out
 }
+
+func (m *msgMachine) operate(op saga.Operation, branch string) ([]store.Event, error) {
+	op.Step = -2
+	if branch == queryBranch {
+		op.Step = -1
+	} else if i := branchIndex(func(i int) string { return m.plan.deliveries[i].name }, len(m.plan.deliveries), branch); i >= 0 {
+		op.Step = i
+	}
+	var evs []saga.Event
+	var err error
+	m.state, evs, err = msg.Operate(m.spec, m.state, op)
+	return sagaEvents(evs), err
+}

@@ -88,3 +88,11 @@ func (m *sagaMachine) branches() []store.Branch {
 	}
 	return out
 }
+
+func (m *sagaMachine) operate(op saga.Operation, branch string) ([]store.Event, error) {
+	op.Step = branchIndex(func(i int) string { return m.plan.steps[i].name }, len(m.plan.steps), branch)
+	var evs []saga.Event
+	var err error
+	m.state, evs, err = saga.Operate(m.spec, m.state, op)
+	return sagaEvents(evs), err
+}

@@ -186,6 +186,7 @@ func toProto(t store.Transaction, bs []store.Branch, evs []store.Event) *treatyv
 		CreatedAt: ts(t.CreatedAt), UpdatedAt: ts(t.UpdatedAt), Deadline: ts(t.Deadline),
 		Reason: t.Reason, Phase: t.Status,
 		WorkflowName: t.WorkflowName, WorkflowVersion: int32(t.WorkflowVersion),
+		Paused: t.Paused, LeaseOwner: t.LeaseOwner, LeaseExpiresAt: ts(t.LeaseExpiresAt), NextAttemptAt: ts(t.NextAttemptAt),
 	}
 	for _, b := range bs {
 		out.Branches = append(out.Branches, &treatyv1.Branch{

@@ -331,3 +331,11 @@ func (m *tccMachine) branches() []store.Branch {
 	}
 	return out
 }
+
+func (m *tccMachine) operate(op saga.Operation, branch string) ([]store.Event, error) {
+	op.Step = branchIndex(func(i int) string { return m.branches_[i].name }, len(m.branches_), branch)
+	var evs []saga.Event
+	var err error
+	m.state, evs, err = tcc.Operate(m.spec, m.state, op)
+	return sagaEvents(evs), err
+}

@@ -254,3 +254,11 @@ func (m *twopcMachine) branches() []store.Branch {
 	}
 	return out
 }
+
+func (m *twopcMachine) operate(op saga.Operation, branch string) ([]store.Event, error) {
+	op.Step = branchIndex(func(i int) string { return m.plan.branches[i].name }, len(m.plan.branches), branch)
+	var evs []saga.Event
+	var err error
+	m.state, evs, err = twopc.Operate(m.spec, m.state, op)
+	return sagaEvents(evs), err
+}

@@ -16,6 +16,8 @@ import (
 // Errors callers check with errors.Is.
 var (
 	ErrNotFound = errors.New("transaction not found")
+	// ErrLeased: another replica drives the transaction now.
+	ErrLeased = errors.New("transaction is leased by another replica")
 )
 
 // Transaction is the row of one global transaction.
@@ -35,6 +37,8 @@ type Transaction struct {
 	LeaseOwner      string
 	LeaseExpiresAt  time.Time
 	Epoch           int64
+	// Paused: an operator stopped it; nobody drives it until unpaused.
+	Paused bool
 }
 
 // Branch is the durable state of one op of one branch.
@@ -96,6 +100,9 @@ type RecordParams struct {
 	Reason string
 	// Terminal ends ownership: the lease is cleared and nothing is due any more.
 	Terminal bool
+	// Paused marks the transaction paused (it must come with Terminal, which ends ownership
+	// without finishing it); false unpauses.
+	Paused bool
 	// Lease extends the lease to database now + Lease (when not Terminal).
 	Lease time.Duration
 	// Branches are upserted (only those that changed need be given).
@@ -274,6 +281,10 @@ type Store interface {
 	ListTransactions(ctx context.Context, f ListFilter) ([]Transaction, error)
 	// Stats summarises the transactions.
 	Stats(ctx context.Context) (Stats, error)
+	// ClaimForOperator claims a transaction in any status for an operator action, at a new epoch,
+	// when it is unleased or its lease expired; otherwise it returns ErrLeased (wrapped, naming
+	// the owner), or ErrNotFound.
+	ClaimForOperator(ctx context.Context, gid, owner string, lease time.Duration) (Claimed, error)
 	// Now returns the database clock.
 	Now(ctx context.Context) (time.Time, error)
 	// Ping checks that the database answers and the schema is current.

@@ -2409,8 +2409,15 @@ type Transaction struct {
 	// The registered workflow and version this transaction runs, if any.
 	WorkflowName    string `protobuf:"bytes,11,opt,name=workflow_name,json=workflowName,proto3" json:"workflow_name,omitempty"`
 	WorkflowVersion int32  `protobuf:"varint,12,opt,name=workflow_version,json=workflowVersion,proto3" json:"workflow_version,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// An operator paused it: nobody drives it until unpaused.
+	Paused bool `protobuf:"varint,13,opt,name=paused,proto3" json:"paused,omitempty"`
+	// Who drives it now (empty when nobody does) and until when.
+	LeaseOwner     string                 `protobuf:"bytes,14,opt,name=lease_owner,json=leaseOwner,proto3" json:"lease_owner,omitempty"`
+	LeaseExpiresAt *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=lease_expires_at,json=leaseExpiresAt,proto3" json:"lease_expires_at,omitempty"`
+	// When someone should next look at it (a retry, or the lease's expiry); unset when finished.
+	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Transaction) Reset() {
@@ -2525,6 +2532,34 @@ func (x *Transaction) GetWorkflowVersion() int32 {
 		return x.WorkflowVersion
 	}
 	return 0
+}
+
+func (x *Transaction) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
+}
+
+func (x *Transaction) GetLeaseOwner() string {
+	if x != nil {
+		return x.LeaseOwner
+	}
+	return ""
+}
+
+func (x *Transaction) GetLeaseExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LeaseExpiresAt
+	}
+	return nil
+}
+
+func (x *Transaction) GetNextAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptAt
+	}
+	return nil
 }
 
 var File_treaty_v1_treaty_proto protoreflect.FileDescriptor
@@ -2680,7 +2715,7 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x16\n" +
 	"\x06branch\x18\x04 \x01(\tR\x06branch\x12\x0e\n" +
 	"\x02op\x18\x05 \x01(\tR\x02op\x12\x16\n" +
-	"\x06detail\x18\x06 \x01(\tR\x06detail\"\xf4\x03\n" +
+	"\x06detail\x18\x06 \x01(\tR\x06detail\"\xb7\x05\n" +
 	"\vTransaction\x12\x10\n" +
 	"\x03gid\x18\x01 \x01(\tR\x03gid\x12#\n" +
 	"\x04mode\x18\x02 \x01(\x0e2\x0f.treaty.v1.ModeR\x04mode\x12)\n" +
@@ -2696,7 +2731,12 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x05phase\x18\n" +
 	" \x01(\tR\x05phase\x12#\n" +
 	"\rworkflow_name\x18\v \x01(\tR\fworkflowName\x12)\n" +
-	"\x10workflow_version\x18\f \x01(\x05R\x0fworkflowVersion*_\n" +
+	"\x10workflow_version\x18\f \x01(\x05R\x0fworkflowVersion\x12\x16\n" +
+	"\x06paused\x18\r \x01(\bR\x06paused\x12\x1f\n" +
+	"\vlease_owner\x18\x0e \x01(\tR\n" +
+	"leaseOwner\x12D\n" +
+	"\x10lease_expires_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0eleaseExpiresAt\x12B\n" +
+	"\x0fnext_attempt_at\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\rnextAttemptAt*_\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tMODE_SAGA\x10\x01\x12\f\n" +
@@ -2857,38 +2897,40 @@ var file_treaty_v1_treaty_proto_depIdxs = []int32{
 	43, // 58: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
 	38, // 59: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
 	39, // 60: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
-	31, // 61: treaty.v1.StartWorkflowRequest.InputsEntry.value:type_name -> treaty.v1.StepInput
-	7,  // 62: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
-	34, // 63: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
-	36, // 64: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
-	10, // 65: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
-	12, // 66: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
-	14, // 67: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
-	16, // 68: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
-	19, // 69: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
-	22, // 70: treaty.v1.Coordinator.PrepareMsg:input_type -> treaty.v1.PrepareMsgRequest
-	24, // 71: treaty.v1.Coordinator.SubmitMsg:input_type -> treaty.v1.SubmitMsgRequest
-	27, // 72: treaty.v1.Coordinator.RegisterWorkflow:input_type -> treaty.v1.RegisterWorkflowRequest
-	29, // 73: treaty.v1.Coordinator.ListWorkflows:input_type -> treaty.v1.ListWorkflowsRequest
-	32, // 74: treaty.v1.Coordinator.StartWorkflow:input_type -> treaty.v1.StartWorkflowRequest
-	8,  // 75: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
-	35, // 76: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
-	37, // 77: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
-	11, // 78: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
-	13, // 79: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
-	15, // 80: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
-	17, // 81: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
-	20, // 82: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
-	23, // 83: treaty.v1.Coordinator.PrepareMsg:output_type -> treaty.v1.PrepareMsgResponse
-	25, // 84: treaty.v1.Coordinator.SubmitMsg:output_type -> treaty.v1.SubmitMsgResponse
-	28, // 85: treaty.v1.Coordinator.RegisterWorkflow:output_type -> treaty.v1.RegisterWorkflowResponse
-	30, // 86: treaty.v1.Coordinator.ListWorkflows:output_type -> treaty.v1.ListWorkflowsResponse
-	33, // 87: treaty.v1.Coordinator.StartWorkflow:output_type -> treaty.v1.StartWorkflowResponse
-	75, // [75:88] is the sub-list for method output_type
-	62, // [62:75] is the sub-list for method input_type
-	62, // [62:62] is the sub-list for extension type_name
-	62, // [62:62] is the sub-list for extension extendee
-	0,  // [0:62] is the sub-list for field type_name
+	43, // 61: treaty.v1.Transaction.lease_expires_at:type_name -> google.protobuf.Timestamp
+	43, // 62: treaty.v1.Transaction.next_attempt_at:type_name -> google.protobuf.Timestamp
+	31, // 63: treaty.v1.StartWorkflowRequest.InputsEntry.value:type_name -> treaty.v1.StepInput
+	7,  // 64: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
+	34, // 65: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
+	36, // 66: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
+	10, // 67: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
+	12, // 68: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
+	14, // 69: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
+	16, // 70: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
+	19, // 71: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
+	22, // 72: treaty.v1.Coordinator.PrepareMsg:input_type -> treaty.v1.PrepareMsgRequest
+	24, // 73: treaty.v1.Coordinator.SubmitMsg:input_type -> treaty.v1.SubmitMsgRequest
+	27, // 74: treaty.v1.Coordinator.RegisterWorkflow:input_type -> treaty.v1.RegisterWorkflowRequest
+	29, // 75: treaty.v1.Coordinator.ListWorkflows:input_type -> treaty.v1.ListWorkflowsRequest
+	32, // 76: treaty.v1.Coordinator.StartWorkflow:input_type -> treaty.v1.StartWorkflowRequest
+	8,  // 77: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
+	35, // 78: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
+	37, // 79: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
+	11, // 80: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
+	13, // 81: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
+	15, // 82: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
+	17, // 83: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
+	20, // 84: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
+	23, // 85: treaty.v1.Coordinator.PrepareMsg:output_type -> treaty.v1.PrepareMsgResponse
+	25, // 86: treaty.v1.Coordinator.SubmitMsg:output_type -> treaty.v1.SubmitMsgResponse
+	28, // 87: treaty.v1.Coordinator.RegisterWorkflow:output_type -> treaty.v1.RegisterWorkflowResponse
+	30, // 88: treaty.v1.Coordinator.ListWorkflows:output_type -> treaty.v1.ListWorkflowsResponse
+	33, // 89: treaty.v1.Coordinator.StartWorkflow:output_type -> treaty.v1.StartWorkflowResponse
+	77, // [77:90] is the sub-list for method output_type
+	64, // [64:77] is the sub-list for method input_type
+	64, // [64:64] is the sub-list for extension type_name
+	64, // [64:64] is the sub-list for extension extendee
+	0,  // [0:64] is the sub-list for field type_name
 }
 
 func init() { file_treaty_v1_treaty_proto_init() }

@@ -136,7 +136,8 @@ WITH t AS (
         updated_at = now(),
         next_attempt_at = CASE WHEN $5 THEN NULL ELSE now() + $6::interval END,
         lease_expires_at = CASE WHEN $5 THEN NULL ELSE now() + $6::interval END,
-        lease_owner = CASE WHEN $5 THEN NULL ELSE lease_owner END
+        lease_owner = CASE WHEN $5 THEN NULL ELSE lease_owner END,
+        paused = $19
     WHERE gid = $1 AND epoch = $2
     RETURNING gid, lease_expires_at
 ), b AS (
@@ -175,7 +176,7 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 		ba, be, bt, bu := branchStateArrays(p.Branches)
 		ek, eb, eo, ed := eventArrays(p.Events)
 		batch.Queue(recordSQL, p.GID, p.Epoch, p.Status, p.Reason, p.Terminal, p.Lease,
-			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu)
+			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu, p.Paused)
 	}
 	br := s.pool.SendBatch(ctx, batch)
 	out := make([]store.RecordResult, len(ps))
@@ -198,13 +199,13 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 }
 
 const txColumns = `gid, mode, status, spec, spec_hash, coalesce(workflow_name, ''), coalesce(workflow_version, 0),
-    reason, created_at, updated_at, deadline, next_attempt_at, coalesce(lease_owner, ''), lease_expires_at, epoch`
+    reason, created_at, updated_at, deadline, next_attempt_at, coalesce(lease_owner, ''), lease_expires_at, epoch, paused`
 
 func scanTx(row pgx.Row) (store.Transaction, error) {
 	var t store.Transaction
 	var next, lease *time.Time
 	err := row.Scan(&t.GID, &t.Mode, &t.Status, &t.Spec, &t.SpecHash, &t.WorkflowName, &t.WorkflowVersion,
-		&t.Reason, &t.CreatedAt, &t.UpdatedAt, &t.Deadline, &next, &t.LeaseOwner, &lease, &t.Epoch)
+		&t.Reason, &t.CreatedAt, &t.UpdatedAt, &t.Deadline, &next, &t.LeaseOwner, &lease, &t.Epoch, &t.Paused)
 	if next != nil {
 		t.NextAttemptAt = *next
 	}
@@ -567,6 +568,33 @@ FROM treaty_transactions WHERE next_attempt_at IS NOT NULL`, store.OverdueAfter)
 		st.OldestRunning = *oldestRunning
 	}
 	return st, nil
+}
+
+const claimOperatorSQL = `
+UPDATE treaty_transactions SET
+    lease_owner = $2, lease_expires_at = now() + $3::interval, next_attempt_at = now() + $3::interval,
+    epoch = epoch + 1, updated_at = now()
+WHERE gid = $1 AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+RETURNING ` + txColumns
+
+// ClaimForOperator implements store.Store.
+func (s *Store) ClaimForOperator(ctx context.Context, gid, owner string, lease time.Duration) (store.Claimed, error) {
+	t, err := scanTx(s.pool.QueryRow(ctx, claimOperatorSQL, gid, owner, lease))
+	if errors.Is(err, pgx.ErrNoRows) {
+		cur, _, err := s.GetTransaction(ctx, gid)
+		if err != nil {
+			return store.Claimed{}, err
+		}
+		return store.Claimed{}, fmt.Errorf("%w: %q is driven by %s until %s", store.ErrLeased, gid, cur.LeaseOwner, cur.LeaseExpiresAt.UTC().Format(time.RFC3339))
+	}
+	if err != nil {
+		return store.Claimed{}, fmt.Errorf("claim %q for an operator: %w", gid, err)
+	}
+	bs, err := s.branches(ctx, []string{gid})
+	if err != nil {
+		return store.Claimed{}, err
+	}
+	return store.Claimed{Transaction: t, Branches: bs[gid]}, nil
 }
 
 // Now implements store.Store.

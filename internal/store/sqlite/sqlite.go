@@ -228,7 +228,7 @@ type querier interface {
 }
 
 const txColumns = `gid, mode, status, spec, spec_hash, workflow_name, workflow_version, reason,
-    created_at, updated_at, deadline, next_attempt_at, coalesce(lease_owner, ''), lease_expires_at, epoch`
+    created_at, updated_at, deadline, next_attempt_at, coalesce(lease_owner, ''), lease_expires_at, epoch, paused`
 
 type scanner interface{ Scan(dest ...any) error }
 
@@ -236,13 +236,15 @@ func scanTx(row scanner) (store.Transaction, error) {
 	var t store.Transaction
 	var created, updated, deadline int64
 	var next, lease sql.NullInt64
+	var paused int64
 	err := row.Scan(&t.GID, &t.Mode, &t.Status, &t.Spec, &t.SpecHash, &t.WorkflowName, &t.WorkflowVersion,
-		&t.Reason, &created, &updated, &deadline, &next, &t.LeaseOwner, &lease, &t.Epoch)
+		&t.Reason, &created, &updated, &deadline, &next, &t.LeaseOwner, &lease, &t.Epoch, &paused)
 	if err != nil {
 		return store.Transaction{}, err
 	}
 	t.CreatedAt, t.UpdatedAt, t.Deadline = fromMicros(created), fromMicros(updated), fromMicros(deadline)
 	t.NextAttemptAt, t.LeaseExpiresAt = fromNullMicros(next), fromNullMicros(lease)
+	t.Paused = paused != 0
 	return t, nil
 }
 
@@ -352,7 +354,7 @@ func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (st
 
 const recordSQL = `UPDATE treaty_transactions SET
     status = ?, reason = ?, updated_at = ?, next_attempt_at = ?, lease_expires_at = ?,
-    lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END
+    lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, paused = ?
 WHERE gid = ? AND epoch = ?`
 
 const upsertBranchSQL = `INSERT INTO treaty_branches
@@ -375,7 +377,7 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 			if !p.Terminal {
 				next = micros(at.Add(p.Lease))
 			}
-			r, err := tx.ExecContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, next, p.Terminal, p.GID, p.Epoch)
+			r, err := tx.ExecContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, next, p.Terminal, boolInt(p.Paused), p.GID, p.Epoch)
 			if err != nil {
 				return fmt.Errorf("record %q: %w", p.GID, err)
 			}

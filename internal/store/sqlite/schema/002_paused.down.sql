@@ -1,0 +1,1 @@
+ALTER TABLE treaty_transactions DROP COLUMN paused;
