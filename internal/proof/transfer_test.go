@@ -13,8 +13,12 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/durationpb"
 
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/sdk"
+	"github.com/treatyhq/treaty/sdk/participant"
 )
 
 // The four ways a transfer can run.
@@ -46,6 +50,12 @@ type transfer struct {
 	from, to string
 	amount   int64
 	coord    int // the coordinator the initiator talks to
+	// dies: the initiator dies half way. A TCC initiator dies after its tries, before deciding
+	// (the coordinator cancels at the timeout); a message initiator dies after its local
+	// transaction committed, before submitting (the coordinator asks and delivers).
+	dies bool
+	// localCommitted: the message's local transaction (the debit at bank A) committed.
+	localCommitted bool
 
 	err     error            // what the initiator was told
 	final   *sdk.Transaction // what the coordinator recorded, once terminal; nil when it never heard of gid
@@ -56,7 +66,13 @@ type proofEnv struct {
 	a, b    *bank
 	cluster *cluster
 	clients []*sdk.Client
+	// tries: plain connections to the banks, for the TCC initiators that die before deciding
+	// and so go around the SDK's scope.
+	tryA, tryB *grpc.ClientConn
 }
+
+// errInitiatorDied is what an initiator that "dies" half way returns.
+var errInitiatorDied = errors.New("the initiator died")
 
 func accountID(mode, side string, i int) string { return fmt.Sprintf("%s-%s%d", mode, side, i) }
 
@@ -91,6 +107,7 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 		a: newBank(t, bankOptions{Name: "A", Accounts: payers, TryFaults: triesA}),
 		b: newBank(t, bankOptions{Name: "B", Accounts: payees, TryFaults: triesB}),
 	}
+	env.tryA, env.tryB = dialBank(t, env.a, nil), dialBank(t, env.b, nil)
 	env.cluster = newCluster(t, 2, coordFaults)
 	env.clients = []*sdk.Client{env.cluster.client(t, 0, sdkFaults), env.cluster.client(t, 1, sdkFaults)}
 	t.Cleanup(sdkFaults.Wait)
@@ -111,6 +128,9 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 			}
 			if rng.IntN(10) == 0 {
 				tr.amount = hugeAmount
+			}
+			if (m == modeTCC || m == modeMsg) && rng.IntN(20) == 0 {
+				tr.dies = true
 			}
 			transfers = append(transfers, tr)
 		}
@@ -219,6 +239,9 @@ func (e *proofEnv) run(ctx context.Context, tr *transfer) error {
 			{Name: "credit", Action: e.b.call(methodCredit, to), Compensate: e.b.call(methodUncredit, to), Retry: retry, CallTimeout: callTimeout},
 		}})
 	case modeTCC:
+		if tr.dies {
+			return e.tccInitiatorDies(ctx, c, tr, from, to, retry)
+		}
 		_, err = c.TCC(ctx, sdk.TCCOptions{GID: tr.gid, Timeout: 5 * time.Second, Wait: wait}, func(ctx context.Context, s *sdk.TCCScope) error {
 			if _, err := s.Try(ctx, sdk.TCCBranch{Name: "payer", Try: e.a.call(methodFreeze, from), Confirm: e.a.call(methodSpendFrozen, from),
 				Cancel: e.a.call(methodUnfreeze, from), Retry: retry, CallTimeout: callTimeout}); err != nil {
@@ -241,12 +264,57 @@ func (e *proofEnv) run(ctx context.Context, tr *transfer) error {
 			QueryPrepared: sdk.Call{Target: "grpc://" + e.a.addr + methodQueryPrepared},
 			Deliveries:    []sdk.Delivery{{Name: "credit", Call: e.b.call(methodDeliver, to), Retry: retry, CallTimeout: callTimeout}},
 		}, func(ctx context.Context, gid string) error {
-			return e.a.localDebit(ctx, gid, from)
+			if err := e.a.localDebit(ctx, gid, from); err != nil {
+				return err
+			}
+			tr.localCommitted = true
+			if tr.dies {
+				return errInitiatorDied // after the commit, before the submit
+			}
+			return nil
 		})
 	default:
 		err = fmt.Errorf("unknown mode %q", tr.mode)
 	}
 	return err
+}
+
+// tccInitiatorDies begins a TCC transaction, registers and tries both branches the way the SDK
+// does, and then dies without deciding. It uses the raw API, since the SDK's scope always
+// decides.
+func (e *proofEnv) tccInitiatorDies(ctx context.Context, c *sdk.Client, tr *transfer, from, to order, retry *sdk.Retry) error {
+	api := c.API()
+	if _, err := api.BeginTCC(ctx, &treatyv1.BeginTCCRequest{Gid: tr.gid, Timeout: durationpb.New(2 * time.Second)}); err != nil {
+		return err
+	}
+	for _, br := range []struct {
+		name                 string
+		conn                 *grpc.ClientConn
+		try, confirm, cancel string
+		bank                 *bank
+		o                    order
+	}{
+		{"payer", e.tryA, methodFreeze, methodSpendFrozen, methodUnfreeze, e.a, from},
+		{"payee", e.tryB, methodExpect, methodReceive, methodUnexpect, e.b, to},
+	} {
+		confirm, cancel := br.bank.call(br.confirm, br.o), br.bank.call(br.cancel, br.o)
+		_, err := api.RegisterTCCBranch(ctx, &treatyv1.RegisterTCCBranchRequest{Gid: tr.gid, Branch: &treatyv1.TCCBranch{
+			Name:    br.name,
+			Confirm: &treatyv1.Call{Target: confirm.Target, Payload: confirm.Payload},
+			Cancel:  &treatyv1.Call{Target: cancel.Target, Payload: cancel.Payload},
+			Retry:   &treatyv1.RetryPolicy{InitialBackoff: durationpb.New(retry.InitialBackoff), MaxBackoff: durationpb.New(retry.MaxBackoff)},
+		}})
+		if err != nil {
+			return err
+		}
+		tctx, cancelTry := context.WithTimeout(ctx, callTimeout)
+		err = callBank(tctx, br.conn, br.try, participant.Metadata{GID: tr.gid, Branch: br.name, Op: participant.OpTry, Mode: participant.ModeTCC}, br.o)
+		cancelTry()
+		if err != nil {
+			return err
+		}
+	}
+	return errInitiatorDied
 }
 
 // settle waits, through a client without faults, until every transaction is terminal.
@@ -305,9 +373,9 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 	require.Zero(t, e.b.wrongCalls.Load(), "calls with the wrong Treaty metadata at bank B")
 
 	type tally struct {
-		succeeded, rolledBack, never, refusedHuge int
-		moved                                     int64 // the amounts of the transfers that succeeded
-		initiatorErrors                           map[string]int
+		succeeded, rolledBack, never, refusedHuge, died int
+		moved                                           int64 // the amounts of the transfers that succeeded
+		initiatorErrors                                 map[string]int
 	}
 	tallies := map[string]*tally{}
 	for _, m := range proofModes() {
@@ -343,6 +411,17 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 		if tr.amount == hugeAmount {
 			require.False(t, succeeded, "%s %s: a transfer of %d succeeded", tr.mode, tr.gid, tr.amount)
 			ty.refusedHuge++
+		}
+		if tr.dies {
+			ty.died++
+			if tr.mode == modeTCC {
+				require.False(t, succeeded, "%s %s: confirmed though its initiator never decided\n%s", tr.mode, tr.gid, history(tr.final))
+			}
+		}
+		// A message is delivered if and only if its local transaction committed.
+		if tr.mode == modeMsg {
+			require.Equal(t, tr.localCommitted, succeeded, "%s %s: local transaction committed: %v, delivered: %v (initiator: %v)\n%s",
+				tr.mode, tr.gid, tr.localCommitted, succeeded, tr.err, history(tr.final))
 		}
 		// Exactly once or not at all, on each side; nothing left in between; no change twice.
 		want := int64(0)
@@ -384,8 +463,8 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 		require.Equal(t, ty.moved, gainB, "%s: bank B gained %d, successful transfers total %d", m, gainB, ty.moved)
 		require.Positive(t, ty.succeeded, "%s: no transfer succeeded", m)
 		require.Positive(t, ty.refusedHuge, "%s: no transfer was refused", m)
-		t.Logf("%-4s: %d succeeded (%d moved), %d rolled back (%d of them too large), %d never reached a coordinator; initiator errors %v",
-			m, ty.succeeded, ty.moved, ty.rolledBack, ty.refusedHuge, ty.never, ty.initiatorErrors)
+		t.Logf("%-4s: %d succeeded (%d moved), %d rolled back (%d of them too large), %d never reached a coordinator, %d initiators died; initiator errors %v",
+			m, ty.succeeded, ty.moved, ty.rolledBack, ty.refusedHuge, ty.never, ty.died, ty.initiatorErrors)
 	}
 	var total, initial int64
 	for id, acc := range accA {
@@ -412,6 +491,9 @@ func errorKind(err error) string {
 		if errors.Is(err, k.err) {
 			return k.name
 		}
+	}
+	if errors.Is(err, errInitiatorDied) {
+		return "died"
 	}
 	if strings.Contains(err.Error(), "local transaction failed") {
 		return "local-failed"
