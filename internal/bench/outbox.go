@@ -100,7 +100,7 @@ func OutboxMain(ctx context.Context, args []string, stdout, stderr io.Writer, ge
 	fs.IntVar(&cfg.Producers, "producers", 16, "enqueuing transactions at once (and connections for the commit rate)")
 	fs.IntVar(&cfg.PerTx, "per-tx", 10, "messages per enqueuing transaction")
 	fs.IntVar(&cfg.ValueSize, "value-size", 100, "bytes per message value")
-	fs.IntVar(&cfg.BatchSize, "batch-size", 1000, "relay batch size")
+	fs.IntVar(&cfg.BatchSize, "batch-size", 4000, "relay batch size")
 	fs.IntVar(&cfg.Partitions, "partitions", 12, "partitions of the benchmark topic (kfake only)")
 	fs.DurationVar(&cfg.Baseline, "baseline", 3*time.Second, "how long to measure the one-row INSERT commit rate")
 	fs.DurationVar(&cfg.Timeout, "timeout", 5*time.Minute, "give up when not everything is relayed by then")

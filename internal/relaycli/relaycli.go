@@ -203,7 +203,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	table := f.string("table", "TREATY_OUTBOX_TABLE", outbox.DefaultTable, "outbox table, optionally schema-qualified, as given to migrate")
 	id := f.string("relay-id", "TREATY_RELAY_ID", "", "unique name of this relay in the lease tables (default host-pid-random)")
 	metricsAddr := f.string("metrics-addr", "TREATY_METRICS_ADDR", ":9464", "address for /metrics (Prometheus) and /healthz; empty disables")
-	batchSize := f.int("batch-size", "TREATY_BATCH_SIZE", 1000, "most messages read and published at once")
+	batchSize := f.int("batch-size", "TREATY_BATCH_SIZE", 4000, "most messages read and published at once")
 	maxBatchBytes := f.int("max-batch-bytes", "TREATY_MAX_BATCH_BYTES", 1_000_000, "most bytes per partition per produce request; keep at or below the broker's message.max.bytes")
 	poll := f.duration("poll-interval", "TREATY_POLL_INTERVAL", time.Second, "how often to look for work when no notification arrives")
 	leaseTTL := f.duration("lease-ttl", "TREATY_LEASE_TTL", 10*time.Second, "slot lease duration; the slots of a relay that died wait this long")

@@ -65,7 +65,7 @@ type RelayConfig struct {
 	// Default: host name, process id and a random suffix.
 	ID string
 
-	// BatchSize is the most messages read and published at once. Default 1000.
+	// BatchSize is the most messages read and published at once. Default 4000.
 	BatchSize int
 	// MaxBatchBytes caps the bytes sent to one partition in one produce request; a single
 	// message larger than this fails without being sent. Keep it at or below the broker's
@@ -125,7 +125,7 @@ func (c *RelayConfig) setDefaults() error {
 		}
 	}
 	if c.BatchSize == 0 {
-		c.BatchSize = 1000
+		c.BatchSize = 4000
 	}
 	if c.BatchSize < 1 || c.BatchSize > 100000 {
 		return fmt.Errorf("relay config: BatchSize %d, want 1..100000", c.BatchSize)
