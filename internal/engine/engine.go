@@ -58,6 +58,8 @@ type Config struct {
 
 	// Observer receives metrics events; nil = none.
 	Observer Observer
+	// Jobs tunes the reconciliation jobs.
+	Jobs JobsConfig
 
 	// CrashPoint is called at named points of the loop (fault injection for tests); nil = none.
 	CrashPoint func(name string)
@@ -78,6 +80,8 @@ type Observer interface {
 	LeasesClaimed(n int)
 	LeaseLost()
 	GroupCommit(records int)
+	// JobRan: a reconciliation job's findings (see JobStatus) and whether it failed.
+	JobRan(job string, findings int, failed bool)
 }
 
 type noObserver struct{}
@@ -134,6 +138,7 @@ func (c *Config) setDefaults() error {
 		c.CommitWorkers = 4
 	}
 	c.Limits = c.Limits.withDefaults()
+	c.Jobs.setDefaults()
 	if c.Now == nil {
 		c.Now = time.Now
 	}
@@ -171,6 +176,7 @@ type Engine struct {
 	commitCtx    context.Context
 	commitCancel context.CancelFunc
 	commitWG     sync.WaitGroup
+	jobs         jobs
 }
 
 // New validates the configuration.
@@ -207,8 +213,9 @@ func (e *Engine) Start(ctx context.Context) error {
 	}
 	loopCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	e.cancel = cancel
-	e.loops.Add(2)
+	e.loops.Add(3)
 	go func() { defer e.loops.Done(); e.recoveryLoop(loopCtx) }()
+	go func() { defer e.loops.Done(); e.jobsLoop(loopCtx) }()
 	go func() { defer e.loops.Done(); e.renewLoop(loopCtx) }()
 	return nil
 }
@@ -324,3 +331,5 @@ func (e *Engine) watch(gid string) (<-chan struct{}, func()) {
 		}
 	}
 }
+
+func (noObserver) JobRan(string, int, bool) {}

@@ -22,6 +22,8 @@ type Metrics struct {
 	claims      prometheus.Counter
 	lost        prometheus.Counter
 	commitBatch prometheus.Histogram
+	jobRuns     *prometheus.CounterVec
+	jobFindings *prometheus.GaugeVec
 }
 
 // BreakerStates reports each participant endpoint's circuit breaker state.
@@ -54,8 +56,14 @@ func New(reg prometheus.Registerer, st store.Store, breakers BreakerStates, log 
 			Name: "treaty_group_commit_size", Help: "Records written per database commit by the group committer.",
 			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256},
 		}),
+		jobRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "treaty_reconcile_runs_total", Help: "Reconciliation job runs by job and result (ok, failed).",
+		}, []string{"job", "result"}),
+		jobFindings: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "treaty_reconcile_findings", Help: "What the last run of each reconciliation job found (for retention: transactions deleted).",
+		}, []string{"job"}),
 	}
-	reg.MustRegister(m.started, m.finished, m.calls, m.retries, m.claims, m.lost, m.commitBatch,
+	reg.MustRegister(m.started, m.finished, m.calls, m.retries, m.claims, m.lost, m.commitBatch, m.jobRuns, m.jobFindings,
 		&stateCollector{st: st, breakers: breakers, log: log})
 	return m
 }
@@ -84,6 +92,16 @@ func (m *Metrics) LeaseLost() { m.lost.Inc() }
 
 // GroupCommit implements engine.Observer.
 func (m *Metrics) GroupCommit(records int) { m.commitBatch.Observe(float64(records)) }
+
+// JobRan implements engine.Observer.
+func (m *Metrics) JobRan(job string, findings int, failed bool) {
+	result := "ok"
+	if failed {
+		result = "failed"
+	}
+	m.jobRuns.WithLabelValues(job, result).Inc()
+	m.jobFindings.WithLabelValues(job).Set(float64(findings))
+}
 
 // stateCollector reads the backlog from the database at scrape time, so every replica reports
 // the same cluster-wide figures.

@@ -244,6 +244,32 @@ type ListFilter struct {
 	Limit        int
 }
 
+// FinishedStatuses are the terminal statuses of every mode that need nothing more, not even an
+// operator: what retention may delete.
+var FinishedStatuses = []string{"succeeded", "compensated", "confirmed", "cancelled", "committed", "rolled_back", "aborted"}
+
+// ReconcileParams tunes a reconciliation pass.
+type ReconcileParams struct {
+	// StuckAfter: a live, unpaused transaction not updated for this long is stuck.
+	StuckAfter time.Duration
+	// Grace: how long past its deadline an undecided TCC or an unfinished 2PC prepare phase may
+	// stay before it counts as a finding (recovery should have acted by then).
+	Grace time.Duration
+	// Limit bounds how many gids each finding lists.
+	Limit int
+}
+
+// ReconcileReport is what a pass found. Stuck transactions it also re-drove: made due now, so
+// recovery claims them at once.
+type ReconcileReport struct {
+	Stuck        []string // live, not updated for StuckAfter; re-driven
+	ExpiredTCC   []string // TCC still trying past deadline + grace
+	InDoubt2PC   []string // 2PC still preparing past deadline + grace
+	StuckCount   int
+	ExpiredCount int
+	InDoubtCount int
+}
+
 // Store is the coordinator's durable state.
 type Store interface {
 	// CreateTransaction inserts a transaction with its branches and events in one commit, or
@@ -285,6 +311,11 @@ type Store interface {
 	// when it is unleased or its lease expired; otherwise it returns ErrLeased (wrapped, naming
 	// the owner), or ErrNotFound.
 	ClaimForOperator(ctx context.Context, gid, owner string, lease time.Duration) (Claimed, error)
+	// Reconcile finds transactions that recovery should have moved on and re-drives stuck ones.
+	Reconcile(ctx context.Context, p ReconcileParams) (ReconcileReport, error)
+	// DeleteFinished deletes up to batch transactions (with branches and events) in
+	// FinishedStatuses not updated for olderThan; it returns how many.
+	DeleteFinished(ctx context.Context, olderThan time.Duration, batch int) (int, error)
 	// Now returns the database clock.
 	Now(ctx context.Context) (time.Time, error)
 	// Ping checks that the database answers and the schema is current.

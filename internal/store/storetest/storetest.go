@@ -85,6 +85,8 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Workflow/ConcurrentSameDefinitionOnce", testWorkflowConcurrent},
 		{"Stats/CountsAndBacklog", testStats},
 		{"ListTransactions/FiltersAndPages", testList},
+		{"Reconcile/FindsAndRedrives", testReconcile},
+		{"DeleteFinished/OnlyFinishedInBatches", testDeleteFinished},
 		{"Now/IsTheLeaseClock", testNow},
 		{"Ping/Current", testPing},
 	}
