@@ -10,6 +10,7 @@ import (
 
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/pkg/saga"
 )
 
 // driver runs one transaction while this replica owns it: the only place that does I/O on its
@@ -232,7 +233,7 @@ func (d *driver) call(c dispatch) {
 		})
 	}
 	outcome, notSent, _ := outcomeOf(res)
-	label := map[invoke.Outcome]string{invoke.OK: "ok", invoke.Aborted: "aborted"}[outcome]
+	label := map[saga.Outcome]string{saga.OK: "ok", saga.Aborted: "aborted"}[outcome]
 	if notSent {
 		label = "not_sent"
 	} else if label == "" {

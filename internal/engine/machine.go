@@ -38,13 +38,20 @@ type dispatch struct {
 	timeout time.Duration
 }
 
-// outcomeOf classifies a result, telling apart calls that never left this process.
-func outcomeOf(res invoke.Result) (outcome invoke.Outcome, notSent bool, msg string) {
+// outcomeOf classifies a result for the state machines, telling apart calls that never left
+// this process.
+func outcomeOf(res invoke.Result) (outcome saga.Outcome, notSent bool, msg string) {
 	if res.Err != nil {
 		msg = res.Err.Error()
 		notSent = errorsIsAny(res.Err, invoke.ErrBreakerOpen, invoke.ErrNoSlot)
 	}
-	return res.Outcome, notSent, msg
+	switch res.Outcome {
+	case invoke.OK:
+		return saga.OK, notSent, msg
+	case invoke.Aborted:
+		return saga.Aborted, notSent, msg
+	}
+	return saga.Transient, notSent, msg
 }
 
 // nextAttempt is the earliest retry time among branches (zero: now), for handing work back.

@@ -247,15 +247,7 @@ func (m *msgMachine) advance(now time.Time) ([]dispatch, []store.Event, time.Tim
 
 func (m *msgMachine) apply(d dispatch, res invoke.Result, at time.Time, jitter float64) []store.Event {
 	outcome, notSent, errMsg := outcomeOf(res)
-	r := msg.Result{Delivery: d.key, Op: msg.Op(d.op), Err: errMsg, At: at, Jitter: jitter, NotSent: notSent}
-	switch outcome {
-	case invoke.OK:
-		r.Outcome = saga.OK
-	case invoke.Aborted:
-		r.Outcome = saga.Aborted
-	default:
-		r.Outcome = saga.Transient
-	}
+	r := msg.Result{Delivery: d.key, Op: msg.Op(d.op), Outcome: outcome, Err: errMsg, At: at, Jitter: jitter, NotSent: notSent}
 	var evs []saga.Event
 	m.state, evs = msg.Apply(m.spec, m.state, r)
 	return sagaEvents(evs)

@@ -54,15 +54,7 @@ func (m *sagaMachine) apply(d dispatch, res invoke.Result, at time.Time, jitter 
 		r.Step, r.Op = -1-d.key, saga.OpCompensate
 	}
 	outcome, notSent, msg := outcomeOf(res)
-	r.NotSent, r.Err = notSent, msg
-	switch outcome {
-	case invoke.OK:
-		r.Outcome = saga.OK
-	case invoke.Aborted:
-		r.Outcome = saga.Aborted
-	default:
-		r.Outcome = saga.Transient
-	}
+	r.Outcome, r.NotSent, r.Err = outcome, notSent, msg
 	var evs []saga.Event
 	m.state, evs = saga.Apply(m.spec, m.state, r)
 	return sagaEvents(evs)

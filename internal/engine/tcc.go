@@ -297,15 +297,7 @@ func (m *tccMachine) advance(now time.Time) ([]dispatch, []store.Event, time.Tim
 
 func (m *tccMachine) apply(d dispatch, res invoke.Result, at time.Time, jitter float64) []store.Event {
 	outcome, notSent, msg := outcomeOf(res)
-	r := tcc.Result{Branch: d.key, Op: tcc.Op(d.op), Err: msg, At: at, Jitter: jitter, NotSent: notSent}
-	switch outcome {
-	case invoke.OK:
-		r.Outcome = saga.OK
-	case invoke.Aborted:
-		r.Outcome = saga.Aborted
-	default:
-		r.Outcome = saga.Transient
-	}
+	r := tcc.Result{Branch: d.key, Op: tcc.Op(d.op), Outcome: outcome, Err: msg, At: at, Jitter: jitter, NotSent: notSent}
 	var evs []saga.Event
 	m.state, evs = tcc.Apply(m.spec, m.state, r)
 	return sagaEvents(evs)

@@ -220,15 +220,7 @@ func (m *twopcMachine) advance(now time.Time) ([]dispatch, []store.Event, time.T
 
 func (m *twopcMachine) apply(d dispatch, res invoke.Result, at time.Time, jitter float64) []store.Event {
 	outcome, notSent, msg := outcomeOf(res)
-	r := twopc.Result{Branch: d.key, Op: twopc.Op(d.op), Err: msg, At: at, Jitter: jitter, NotSent: notSent}
-	switch outcome {
-	case invoke.OK:
-		r.Outcome = saga.OK
-	case invoke.Aborted:
-		r.Outcome = saga.Aborted
-	default:
-		r.Outcome = saga.Transient
-	}
+	r := twopc.Result{Branch: d.key, Op: twopc.Op(d.op), Outcome: outcome, Err: msg, At: at, Jitter: jitter, NotSent: notSent}
 	var evs []saga.Event
 	m.state, evs = twopc.Apply(m.spec, m.state, r)
 	return sagaEvents(evs)

@@ -40,14 +40,9 @@ func (c *Coordinator) SubmitSaga(ctx context.Context, req *treatyv1.SubmitSagaRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	var tx *treatyv1.Transaction
-	if wait > 0 {
-		tx, _, err = c.Engine.Wait(ctx, res.GID, wait)
-	} else {
-		tx, err = c.Engine.Get(ctx, res.GID)
-	}
+	tx, err := c.transaction(ctx, res.GID, wait)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, err
 	}
 	return &treatyv1.SubmitSagaResponse{Transaction: tx, Existing: res.Existing}, nil
 }
@@ -149,14 +144,9 @@ func (c *Coordinator) decideTCC(ctx context.Context, gid string, commit bool, re
 	if err := c.Engine.DecideTCC(ctx, gid, commit, reason); err != nil {
 		return nil, toStatus(err)
 	}
-	var tx *treatyv1.Transaction
-	if wait > 0 {
-		tx, _, err = c.Engine.Wait(ctx, gid, wait)
-	} else {
-		tx, err = c.Engine.Get(ctx, gid)
-	}
+	tx, err := c.transaction(ctx, gid, wait)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, err
 	}
 	return tx, nil
 }
@@ -171,14 +161,9 @@ func (c *Coordinator) Submit2PC(ctx context.Context, req *treatyv1.Submit2PCRequ
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	var tx *treatyv1.Transaction
-	if wait > 0 {
-		tx, _, err = c.Engine.Wait(ctx, res.GID, wait)
-	} else {
-		tx, err = c.Engine.Get(ctx, res.GID)
-	}
+	tx, err := c.transaction(ctx, res.GID, wait)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, err
 	}
 	return &treatyv1.Submit2PCResponse{Transaction: tx, Existing: res.Existing}, nil
 }
@@ -205,14 +190,9 @@ func (c *Coordinator) SubmitMsg(ctx context.Context, req *treatyv1.SubmitMsgRequ
 	if err := c.Engine.SubmitMsg(ctx, req.Gid); err != nil {
 		return nil, toStatus(err)
 	}
-	var tx *treatyv1.Transaction
-	if wait > 0 {
-		tx, _, err = c.Engine.Wait(ctx, req.Gid, wait)
-	} else {
-		tx, err = c.Engine.Get(ctx, req.Gid)
-	}
+	tx, err := c.transaction(ctx, req.Gid, wait)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, err
 	}
 	return &treatyv1.SubmitMsgResponse{Transaction: tx}, nil
 }
@@ -245,16 +225,26 @@ func (c *Coordinator) StartWorkflow(ctx context.Context, req *treatyv1.StartWork
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	tx, err := c.transaction(ctx, res.GID, wait)
+	if err != nil {
+		return nil, err
+	}
+	return &treatyv1.StartWorkflowResponse{Transaction: tx, Existing: res.Existing, Version: int32(version)}, nil
+}
+
+// transaction returns gid's state: at once, or once it is terminal or wait has passed.
+func (c *Coordinator) transaction(ctx context.Context, gid string, wait time.Duration) (*treatyv1.Transaction, error) {
 	var tx *treatyv1.Transaction
+	var err error
 	if wait > 0 {
-		tx, _, err = c.Engine.Wait(ctx, res.GID, wait)
+		tx, _, err = c.Engine.Wait(ctx, gid, wait)
 	} else {
-		tx, err = c.Engine.Get(ctx, res.GID)
+		tx, err = c.Engine.Get(ctx, gid)
 	}
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &treatyv1.StartWorkflowResponse{Transaction: tx, Existing: res.Existing, Version: int32(version)}, nil
+	return tx, nil
 }
 
 // toStatus maps domain errors to gRPC status codes: the one place that does.
