@@ -18,6 +18,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/treatyhq/treaty/internal/admin"
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/store/postgres"
@@ -135,6 +136,7 @@ func migrateCmd(ctx context.Context, args []string, env Env) error {
 
 type serveConfig struct {
 	db, listen, httpListen, owner, logFormat, logLevel string
+	adminTokensFile                                    string
 	lease, recovery, shutdown                          time.Duration
 	maxActive, threshold, maxPayload                   int
 	maxSteps, dbConns, claimBatch                      int
@@ -146,7 +148,8 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f := newFlags("serve", "coordinator serve: serve the treaty.v1 gRPC API (with health checking and reflection)\nand drive transactions to completion, recovering work that other replicas left behind.", env.Stderr, env.Stdout)
 	f.String(&c.db, "db", "", "PostgreSQL URL (required), e.g. postgres://user@host:5432/treaty")
 	f.String(&c.listen, "listen", ":7600", "gRPC listen address")
-	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz and /readyz (empty: off)")
+	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz, /readyz, the admin API (/admin/v1) and the dashboard (/ui) (empty: off)")
+	f.String(&c.adminTokensFile, "admin-tokens-file", "", adminTokensUsage)
 	f.String(&c.owner, "owner", "", "replica id used in leases (default host-pid-random)")
 	f.Duration(&c.lease, "lease", 10*time.Second, "how long a replica owns a transaction without renewing; a dead replica's work resumes elsewhere after this")
 	f.Duration(&c.recovery, "recovery-interval", time.Second, "how often to look for due work (retries, expired leases)")
@@ -174,8 +177,13 @@ func serve(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
+	tokens, err := adminTokens(c.adminTokensFile, env, log)
+	if err != nil {
+		return err
+	}
 	a, err := app.Start(ctx, app.Config{
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
+		AdminTokens: tokens,
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
 			MaxActive: c.maxActive, OperatorThreshold: c.threshold,
@@ -200,6 +208,27 @@ func serve(ctx context.Context, args []string, env Env) error {
 	err = a.Stop(stopCtx)
 	log.Info("coordinator stopped")
 	return err
+}
+
+const adminTokensUsage = "file of admin API and dashboard tokens, one role:secret or role:secret:name per line\n" +
+	"      (role viewer or operator; secrets of at least 16 characters; # comments). The environment\n" +
+	"      variable TREATY_ADMIN_TOKENS adds more as role:secret,role:secret. Tokens are never logged."
+
+// adminTokens reads the admin tokens from --admin-tokens-file and TREATY_ADMIN_TOKENS. There is
+// deliberately no flag holding tokens themselves: a command line shows in every process list.
+func adminTokens(file string, env Env, log *slog.Logger) ([]admin.Token, error) {
+	var fromFile []admin.Token
+	if file != "" {
+		var err error
+		if fromFile, err = admin.ReadTokensFile(file, log.Warn); err != nil {
+			return nil, err
+		}
+	}
+	fromEnv, err := admin.ParseTokens(env.Getenv("TREATY_ADMIN_TOKENS"))
+	if err != nil {
+		return nil, fmt.Errorf("TREATY_ADMIN_TOKENS: %w", err)
+	}
+	return admin.MergeTokens(fromFile, fromEnv)
 }
 
 // crashHook turns TREATY_CRASH_AT=point[:n] into a hook that kills the process with SIGKILL the

@@ -20,6 +20,7 @@ import (
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/pgtest"
+	"github.com/treatyhq/treaty/internal/store/sqlite"
 	"github.com/treatyhq/treaty/sdk"
 )
 
@@ -103,3 +104,30 @@ func (c *Coordinator) RequireSucceeded(t testing.TB, cl *sdk.Client, gid string,
 // WrapTestMain runs m and stops the throwaway PostgreSQL cluster if one was started. Call it
 // from TestMain: os.Exit(treatytest.WrapTestMain(m)).
 func WrapTestMain(m *testing.M) int { return pgtest.WrapTestMain(m) }
+
+// NewEmbedded starts a coordinator on an in-memory embedded store, with no database server and
+// no testing.TB: for Example functions, demos and programs. Close stops it.
+func NewEmbedded(ctx context.Context) (*Coordinator, error) {
+	st, err := sqlite.Open(ctx, sqlite.Memory)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := st.Migrate(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0",
+		Engine: engine.Config{Lease: 2 * time.Second, RecoveryInterval: 100 * time.Millisecond, OperatorThreshold: 5}})
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	return &Coordinator{Addr: a.Addr, app: a}, nil
+}
+
+// Close stops a coordinator started by NewEmbedded (Start's stop themselves with the test).
+func (c *Coordinator) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return c.app.Stop(ctx)
+}
