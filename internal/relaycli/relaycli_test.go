@@ -151,10 +151,22 @@ func TestCrashBetweenPublishAndMark(t *testing.T) {
 	ws, ok := crashing.cmd.ProcessState.Sys().(syscall.WaitStatus)
 	require.True(t, ok)
 	require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGKILL, "exit: %v\n%s", crashing.err, crashing.out.String())
-	require.Equal(t, keys*perKey-batch, count(t, pool, "SELECT count(*) FROM treaty_outbox"), "the first batch was marked, the second was not")
-
+	// The batches before the crash point were marked; the interrupted one is in the topic and
+	// still in the outbox. (How many rows a batch holds depends on what was committed below
+	// the server's xmin when it read, so count rather than assume.)
+	remaining := count(t, pool, "SELECT count(*) FROM treaty_outbox")
+	require.Less(t, remaining, keys*perKey, "batches before the crash point were marked")
 	c := newConsumer(t, kc.ListenAddrs(), "ev")
-	c.waitDistinct(t, 2*batch, 20*time.Second)
+	c.waitDistinct(t, keys*perKey-remaining+1, 20*time.Second)
+	c.poll(500 * time.Millisecond) // everything the dead relay published was acknowledged before it died
+	var ids []string
+	for _, r := range c.got {
+		ids = append(ids, r.id)
+	}
+	var interrupted int
+	require.NoError(t, pool.QueryRow(ctx, "SELECT count(*) FROM treaty_outbox WHERE msg_id::text = ANY($1)", ids).Scan(&interrupted))
+	require.Positive(t, interrupted, "the interrupted batch was published but not marked")
+	require.LessOrEqual(t, interrupted, batch)
 
 	restarted := startChild(t, bin, nil, args...)
 	c.waitDistinct(t, keys*perKey, 60*time.Second)
@@ -165,7 +177,7 @@ func TestCrashBetweenPublishAndMark(t *testing.T) {
 	distinct, inversions := checkOrder(t, c.got)
 	require.Equal(t, keys*perKey, distinct, "nothing lost")
 	require.Zero(t, inversions)
-	require.Equal(t, batch, len(c.got)-distinct, "duplicates only from the interrupted batch")
+	require.Equal(t, interrupted, len(c.got)-distinct, "duplicates only from the interrupted batch")
 
 	// An idempotent consumer: every delivery goes through the inbox; each id applies once.
 	_, err = pool.Exec(ctx, "CREATE TABLE applied (value text PRIMARY KEY)")
