@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/admin"
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/metrics"
@@ -49,6 +50,11 @@ type Config struct {
 	Engine engine.Config
 	// Invoke holds the invoker's settings; Logger is filled in here.
 	Invoke invoke.Config
+	// AdminTokens may call the admin API (/admin/v1) and use the dashboard (/ui), served on
+	// HTTPListen. With none and AdminOpen false, the admin API refuses every request.
+	AdminTokens []admin.Token
+	// AdminOpen serves the admin API without tokens, everyone an operator: dev mode only.
+	AdminOpen bool
 }
 
 // App is a running coordinator.
@@ -66,6 +72,7 @@ type App struct {
 	grpc    *grpc.Server
 	health  *health.Server
 	http    *http.Server
+	admin   *admin.Handler
 	served  chan error
 	stopped bool
 }
@@ -142,6 +149,12 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		return fail(err)
 	}
 	if cfg.HTTPListen != "" {
+		a.admin, err = admin.New(admin.Config{Engine: a.Engine, Tokens: cfg.AdminTokens, Open: cfg.AdminOpen, Logger: cfg.Logger})
+		if err != nil {
+			_ = lis.Close()
+			_ = a.Engine.Stop(context.Background())
+			return fail(err)
+		}
 		hl, err := net.Listen("tcp", cfg.HTTPListen)
 		if err != nil {
 			_ = lis.Close()
@@ -190,7 +203,8 @@ func (a *App) Stop(ctx context.Context) error {
 
 // httpHandler serves the operational endpoints. /healthz says the process is alive; /readyz says
 // it can do its job (database reachable, schema current) and turns 503 otherwise, so a load
-// balancer stops sending it requests.
+// balancer stops sending it requests. These three need no token (probes and scrapers have none);
+// the admin API and dashboard under /admin/v1/ and /ui/ check their own.
 func (a *App) httpHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.Registry, promhttp.HandlerOpts{}))
@@ -206,5 +220,7 @@ func (a *App) httpHandler() http.Handler {
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
+	a.admin.Register(mux)
+	mux.Handle("GET /{$}", http.RedirectHandler(admin.UIPrefix, http.StatusFound))
 	return mux
 }

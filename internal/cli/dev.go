@@ -16,7 +16,8 @@ import (
 
 type devConfig struct {
 	listen, httpListen, dbFile, kafka, logFormat, logLevel string
-	memory                                                 bool
+	adminTokensFile                                        string
+	memory, adminOpen                                      bool
 	kafkaPartitions                                        int
 }
 
@@ -28,7 +29,9 @@ func dev(ctx context.Context, args []string, env Env) error {
 		"installed: the coordinator on an embedded SQLite store, plus an embedded Kafka-protocol broker\n"+
 		"(franz-go's kfake) for outbox traffic. Not for production: one node, no authentication.", env.Stderr, env.Stdout)
 	f.String(&c.listen, "listen", ":7600", "gRPC listen address")
-	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz and /readyz (empty: off)")
+	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz, /readyz, the admin API (/admin/v1) and the dashboard (/ui) (empty: off)")
+	f.String(&c.adminTokensFile, "admin-tokens-file", "", adminTokensUsage)
+	f.Bool(&c.adminOpen, "admin-open", false, "serve the admin API and dashboard without tokens, everyone an operator (anyone who\n      reaches --http-listen can then roll back transactions; dev mode only)")
 	f.String(&c.dbFile, "db-file", "treaty-dev.db", "SQLite file holding the coordinator's state")
 	f.Bool(&c.memory, "memory", false, "keep state in memory only (lost on exit) instead of --db-file")
 	f.String(&c.kafka, "kafka-listen", "127.0.0.1:9092", "address of the embedded Kafka-protocol broker (empty: no broker)")
@@ -39,6 +42,10 @@ func dev(ctx context.Context, args []string, env Env) error {
 		return err
 	}
 	log, err := newLogger(env.Stderr, c.logFormat, c.logLevel)
+	if err != nil {
+		return err
+	}
+	tokens, err := adminTokens(c.adminTokensFile, env, log)
 	if err != nil {
 		return err
 	}
@@ -78,6 +85,7 @@ func dev(ctx context.Context, args []string, env Env) error {
 		defer broker.Close()
 	}
 	a, err := app.Start(ctx, app.Config{Store: st, Listen: c.listen, HTTPListen: c.httpListen, Logger: log,
+		AdminTokens: tokens, AdminOpen: c.adminOpen,
 		Engine: engine.Config{Lease: 5 * time.Second, RecoveryInterval: 500 * time.Millisecond}})
 	if err != nil {
 		st.Close()
@@ -92,6 +100,16 @@ func dev(ctx context.Context, args []string, env Env) error {
   HTTP            %s   (/metrics, /healthz, /readyz)
   state           SQLite %s
 `, a.Addr, a.Addr, orNone(a.HTTPAddr), where)
+	if a.HTTPAddr != "" {
+		access := "bearer token required (" + strconv.Itoa(len(tokens)) + " configured)"
+		switch {
+		case c.adminOpen:
+			access = "OPEN: no token needed, anyone who reaches it is an operator (--admin-open)"
+		case len(tokens) == 0:
+			access = "no tokens configured: refuses every request (set TREATY_ADMIN_TOKENS or --admin-open)"
+		}
+		fmt.Fprintf(env.Stdout, "  Dashboard       http://%s/ui/   admin API: %s\n", a.HTTPAddr, access)
+	}
 	if broker != nil {
 		fmt.Fprintf(env.Stdout, "  Kafka broker    %s   (embedded kfake; topics are created on first use)\n", broker.ListenAddrs()[0])
 	}
