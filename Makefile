@@ -2,7 +2,7 @@
 GO      ?= go
 GOBIN   ?= $(shell $(GO) env GOPATH)/bin
 # Core packages run under the race detector; the rest (long broker and benchmark tests) without.
-CORE    := ./pkg/saga/... ./internal/engine/... ./internal/store/... ./internal/invoke/... \
+CORE    := ./pkg/... ./sdk/... ./internal/engine/... ./internal/store/... ./internal/invoke/... \
            ./internal/app/... ./internal/migrate/... ./internal/server/... ./internal/cli/...
 export TREATY_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable
 
@@ -17,15 +17,17 @@ test-core:
 	$(GO) test -count=1 -race -timeout 15m $(CORE)
 
 test-rest:
-	$(GO) test -count=1 -timeout 15m $$($(GO) list ./... | grep -v -E '/(pkg/saga|internal/(engine|store|invoke|app|migrate|server|cli))(/|$$)')
+	$(GO) test -count=1 -timeout 15m $$($(GO) list ./... | grep -v -E '/(pkg|sdk|internal/(engine|store|invoke|app|migrate|server|cli))(/|$$)')
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-# Regenerate api/ from the .proto files with buf and the Go plugins (installed by `make tools`).
+# Regenerate api/ and the travel-booking example's services from the .proto files with buf and
+# the Go plugins (installed by `make tools`). The example has its own buf.yaml and buf.gen.yaml.
 generate: tools
 	PATH="$(GOBIN):$$PATH" buf generate
+	cd examples/travel-booking && PATH="$(GOBIN):$$PATH" buf generate
 
 tools:
 	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
