@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -32,16 +33,16 @@ import (
 const (
 	methodDebit         = "/proof.Bank/Debit"         // saga action (A): balance -= amount, refused without funds
 	methodRefund        = "/proof.Bank/Refund"        // saga compensate of Debit: balance += amount
-	methodCredit        = "/proof.Bank/Credit"        // saga action (B): balance += amount
+	methodCredit        = "/proof.Bank/Credit"        // saga action (B): balance += amount, refused by a closed account
 	methodUncredit      = "/proof.Bank/Uncredit"      // saga compensate of Credit: balance -= amount, never below zero
 	methodFreeze        = "/proof.Bank/Freeze"        // TCC try (A): balance -> frozen, refused without funds
 	methodSpendFrozen   = "/proof.Bank/SpendFrozen"   // TCC confirm (A): frozen -= amount
 	methodUnfreeze      = "/proof.Bank/Unfreeze"      // TCC cancel (A): frozen -> balance
-	methodExpect        = "/proof.Bank/Expect"        // TCC try (B): pending += amount
+	methodExpect        = "/proof.Bank/Expect"        // TCC try (B): pending += amount, refused by a closed account
 	methodReceive       = "/proof.Bank/Receive"       // TCC confirm (B): pending -> balance
 	methodUnexpect      = "/proof.Bank/Unexpect"      // TCC cancel (B): pending -= amount
 	methodPrepareDebit  = "/proof.Bank/PrepareDebit"  // 2PC prepare (A): a prepared debit, refused without funds
-	methodPrepareCredit = "/proof.Bank/PrepareCredit" // 2PC prepare (B): a prepared credit
+	methodPrepareCredit = "/proof.Bank/PrepareCredit" // 2PC prepare (B): a prepared credit, refused by a closed account
 	methodCommit        = "/proof.Bank/Commit"        // 2PC commit: COMMIT PREPARED
 	methodRollback      = "/proof.Bank/Rollback"      // 2PC rollback: ROLLBACK PREPARED
 	methodQueryPrepared = "/proof.Bank/QueryPrepared" // message (A): did the local debit commit?
@@ -55,7 +56,9 @@ CREATE TABLE accounts (
     -- TCC, paying side: money reserved by a try, waiting for its confirm or cancel.
     frozen  bigint NOT NULL DEFAULT 0 CHECK (frozen >= 0),
     -- TCC, receiving side: money announced by a try, waiting for its confirm or cancel.
-    pending bigint NOT NULL DEFAULT 0 CHECK (pending >= 0)
+    pending bigint NOT NULL DEFAULT 0 CHECK (pending >= 0),
+    -- A closed account takes no more money: credits to it are refused.
+    closed  boolean NOT NULL DEFAULT false
 );
 -- One row per business change, written in the same local transaction, so the test can check
 -- per transfer that it moved its amount exactly once or not at all.
@@ -117,6 +120,8 @@ func (c change) times(n int64) change { return change{c.balance * n, c.frozen * 
 type bankOptions struct {
 	Name     string
 	Accounts map[string]int64
+	// Closed lists accounts (of Accounts) that refuse credits.
+	Closed []string
 	// TryFaults, when set, injects faults into TCC tries on the server side: the SDK calls tries
 	// itself, on connections it dials without a hook for interceptors.
 	TryFaults *injector
@@ -162,7 +167,7 @@ func newBank(t *testing.T, opts bankOptions) *bank {
 	_, err = b.pool.Exec(ctx, bankSchema)
 	require.NoError(t, err)
 	for id, balance := range opts.Accounts {
-		_, err := b.pool.Exec(ctx, "INSERT INTO accounts (id, balance) VALUES ($1, $2)", id, balance)
+		_, err := b.pool.Exec(ctx, "INSERT INTO accounts (id, balance, closed) VALUES ($1, $2, $3)", id, balance, slices.Contains(opts.Closed, id))
 		require.NoError(t, err)
 	}
 	require.NoError(t, b.serve("127.0.0.1:0"))
@@ -237,9 +242,10 @@ type endpoint struct {
 }
 
 func (b *bank) endpoint(method string) (endpoint, bool) {
-	// The paying side refuses a transfer it cannot cover: the participant's business "no".
+	// A forward operation refuses what it cannot do (pay without the funds, credit a closed
+	// account): the participant's business "no".
 	refuse := func(md participant.Metadata, o order, why string) error {
-		return fmt.Errorf("%w: bank %s: account %q cannot pay %d: %s", participant.ErrAborted, b.name, o.Account, o.Amount, why)
+		return fmt.Errorf("%w: bank %s: account %q refuses %s of %d: %s", participant.ErrAborted, b.name, o.Account, md.Op, o.Amount, why)
 	}
 	// Confirm and undo operations cannot refuse; if one could not apply its change (which a
 	// correct run never sees), the coordinator retries and finally asks an operator.
@@ -256,14 +262,8 @@ func (b *bank) endpoint(method string) (endpoint, bool) {
 	}
 	prepare := func(c change, short func(participant.Metadata, order, string) error) func(context.Context, participant.Metadata, order) error {
 		return func(ctx context.Context, md participant.Metadata, o order) error {
-			if d := b.opts.PrepareDelay; d > 0 {
-				t := time.NewTimer(d)
-				defer t.Stop()
-				select {
-				case <-t.C:
-				case <-ctx.Done():
-					return ctx.Err()
-				}
+			if err := sleepCtx(ctx, b.opts.PrepareDelay); err != nil {
+				return err
 			}
 			return b.tp.Prepare(ctx, b.pool, md, func(ctx context.Context, tx pgx.Tx) error {
 				return b.apply(ctx, tx, md, o, c.times(o.Amount), short)
@@ -277,7 +277,7 @@ func (b *bank) endpoint(method string) (endpoint, bool) {
 	case methodRefund:
 		return endpoint{mode: saga, op: participant.OpCompensate, run: barrier(change{balance: 1}, stuck)}, true
 	case methodCredit:
-		return endpoint{mode: saga, op: participant.OpAction, run: barrier(change{balance: 1}, stuck)}, true
+		return endpoint{mode: saga, op: participant.OpAction, run: barrier(change{balance: 1}, refuse)}, true
 	case methodUncredit:
 		// Taking back a credit whose money was spent meanwhile would break CHECK (balance >= 0):
 		// that is not a business "no" the saga could act on, it needs a person.
@@ -289,7 +289,7 @@ func (b *bank) endpoint(method string) (endpoint, bool) {
 	case methodUnfreeze:
 		return endpoint{mode: tcc, op: participant.OpCancel, run: barrier(change{balance: 1, frozen: -1}, stuck)}, true
 	case methodExpect:
-		return endpoint{mode: tcc, op: participant.OpTry, run: barrier(change{pending: 1}, stuck)}, true
+		return endpoint{mode: tcc, op: participant.OpTry, run: barrier(change{pending: 1}, refuse)}, true
 	case methodReceive:
 		return endpoint{mode: tcc, op: participant.OpConfirm, run: barrier(change{balance: 1, pending: -1}, stuck)}, true
 	case methodUnexpect:
@@ -297,7 +297,7 @@ func (b *bank) endpoint(method string) (endpoint, bool) {
 	case methodPrepareDebit:
 		return endpoint{mode: twopc, op: participant.OpPrepare, run: prepare(change{balance: -1}, refuse)}, true
 	case methodPrepareCredit:
-		return endpoint{mode: twopc, op: participant.OpPrepare, run: prepare(change{balance: 1}, stuck)}, true
+		return endpoint{mode: twopc, op: participant.OpPrepare, run: prepare(change{balance: 1}, refuse)}, true
 	case methodCommit:
 		return endpoint{mode: twopc, op: participant.OpCommit, noPayload: true, run: func(ctx context.Context, md participant.Metadata, _ order) error {
 			return b.tp.Commit(ctx, b.pool, md)
@@ -317,34 +317,53 @@ func (b *bank) endpoint(method string) (endpoint, bool) {
 }
 
 // localDebit is the paying application's local transaction of a transactional message: the
-// debit and the message's barrier row commit together, or neither does.
-func (b *bank) localDebit(ctx context.Context, gid string, o order) error {
+// debit and the message's barrier row commit together, or neither does. hold keeps the
+// transaction open that long after the debit, before it commits.
+func (b *bank) localDebit(ctx context.Context, gid string, o order, hold time.Duration) error {
 	md := participant.MsgMetadata(gid)
 	return b.barrier.CallPgxDB(ctx, b.pool, md, func(ctx context.Context, tx pgx.Tx) error {
-		return b.apply(ctx, tx, md, o, change{balance: -1}.times(o.Amount), func(md participant.Metadata, o order, why string) error {
+		err := b.apply(ctx, tx, md, o, change{balance: -1}.times(o.Amount), func(md participant.Metadata, o order, why string) error {
 			return fmt.Errorf("%w: bank %s: account %q cannot pay %d: %s", participant.ErrAborted, b.name, o.Account, o.Amount, why)
 		})
+		if err != nil || hold <= 0 {
+			return err
+		}
+		return sleepCtx(ctx, hold)
 	})
 }
 
+// sleepCtx waits d or until ctx ends: the tests' way of being slow on purpose.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // apply changes one account and writes the ledger row, in tx. A change that would break a
-// CHECK changes nothing and returns short's error.
+// CHECK, or add money to a closed account, changes nothing and returns short's error.
 func (b *bank) apply(ctx context.Context, tx pgx.Tx, md participant.Metadata, o order, c change, short func(participant.Metadata, order, string) error) error {
 	tag, err := tx.Exec(ctx, `UPDATE accounts SET balance = balance + $2, frozen = frozen + $3, pending = pending + $4
-		WHERE id = $1 AND balance + $2 >= 0 AND frozen + $3 >= 0 AND pending + $4 >= 0`, o.Account, c.balance, c.frozen, c.pending)
+		WHERE id = $1 AND balance + $2 >= 0 AND frozen + $3 >= 0 AND pending + $4 >= 0
+		  AND NOT (closed AND ($2 > 0 OR $4 > 0))`, o.Account, c.balance, c.frozen, c.pending)
 	if err != nil {
 		return fmt.Errorf("bank %s: update account %q: %w", b.name, o.Account, err)
 	}
 	if tag.RowsAffected() == 0 {
 		var bal, frozen, pending int64
-		err := tx.QueryRow(ctx, "SELECT balance, frozen, pending FROM accounts WHERE id = $1", o.Account).Scan(&bal, &frozen, &pending)
+		var closed bool
+		err := tx.QueryRow(ctx, "SELECT balance, frozen, pending, closed FROM accounts WHERE id = $1", o.Account).Scan(&bal, &frozen, &pending, &closed)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return status.Errorf(codes.NotFound, "bank %s: no account %q", b.name, o.Account)
 		}
 		if err != nil {
 			return fmt.Errorf("bank %s: read account %q: %w", b.name, o.Account, err)
 		}
-		return short(md, o, fmt.Sprintf("balance %d, frozen %d, pending %d", bal, frozen, pending))
+		return short(md, o, fmt.Sprintf("balance %d, frozen %d, pending %d, closed %v", bal, frozen, pending, closed))
 	}
 	_, err = tx.Exec(ctx, `INSERT INTO ledger (gid, mode, branch, op, account, balance_delta, frozen_delta, pending_delta)
 		VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`, md.GID, md.Mode, md.Branch, md.Op, o.Account, c.balance, c.frozen, c.pending)

@@ -56,6 +56,14 @@ type transfer struct {
 	dies bool
 	// localCommitted: the message's local transaction (the debit at bank A) committed.
 	localCommitted bool
+	// creditFirst: the saga credits B before it debits A, so a refused debit takes a credit back.
+	creditFirst bool
+	// decideAfter: the TCC initiator decides only this long after its tries, close to its
+	// timeout, so its commit races the coordinator's cancel.
+	decideAfter time.Duration
+	// localStartsAfter, localHolds: the message's local transaction starts only after the
+	// coordinator began asking for it, or is still open when it asks.
+	localStartsAfter, localHolds time.Duration
 
 	err     error            // what the initiator was told
 	final   *sdk.Transaction // what the coordinator recorded, once terminal; nil when it never heard of gid
@@ -97,15 +105,18 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 	triesB := newInjector("tries at bank B", seed, tryFaults)
 
 	payers, payees := map[string]int64{}, map[string]int64{}
+	var closed []string
 	for _, m := range proofModes() {
 		for i := range accountsPerMode {
 			payers[accountID(m, "a", i)] = payerBalance
 			payees[accountID(m, "b", i)] = payeeBalance
 		}
+		closed = append(closed, accountID(m, "closed", 0))
+		payees[accountID(m, "closed", 0)] = payeeBalance
 	}
 	env := &proofEnv{
 		a: newBank(t, bankOptions{Name: "A", Accounts: payers, TryFaults: triesA}),
-		b: newBank(t, bankOptions{Name: "B", Accounts: payees, TryFaults: triesB}),
+		b: newBank(t, bankOptions{Name: "B", Accounts: payees, Closed: closed, TryFaults: triesB}),
 	}
 	env.tryA, env.tryB = dialBank(t, env.a, nil), dialBank(t, env.b, nil)
 	env.cluster = newCluster(t, 2, coordFaults)
@@ -113,7 +124,9 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 	t.Cleanup(sdkFaults.Wait)
 	checker := env.cluster.client(t, 0, nil)
 
-	// The workload, drawn from the seed: modes interleaved, one transfer in ten refused.
+	// The workload, drawn from the seed: modes interleaved; one transfer in ten too large, and
+	// (but for messages, which cannot be refused once sent) one in ten to a closed account;
+	// initiators that die, decide late or run their local transaction at a bad moment.
 	rng := rand.New(rand.NewPCG(seed, 0x70726f6f66))
 	var transfers []*transfer
 	for _, m := range proofModes() {
@@ -129,8 +142,22 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 			if rng.IntN(10) == 0 {
 				tr.amount = hugeAmount
 			}
-			if (m == modeTCC || m == modeMsg) && rng.IntN(20) == 0 {
+			if m != modeMsg && rng.IntN(10) == 0 {
+				tr.to = accountID(m, "closed", 0)
+			}
+			switch x := rng.IntN(100); {
+			case m == modeSaga:
+				tr.creditFirst = x < 50
+			case m == modeTCC && x < 5:
 				tr.dies = true
+			case m == modeTCC && x < 9:
+				tr.decideAfter = tccLateTimeout - 300*time.Millisecond + time.Duration(rng.Int64N(int64(600*time.Millisecond)))
+			case m == modeMsg && x < 5:
+				tr.dies = true
+			case m == modeMsg && x < 8:
+				tr.localStartsAfter = msgTimeout + 500*time.Millisecond
+			case m == modeMsg && x < 11:
+				tr.localHolds = msgTimeout + 500*time.Millisecond
 			}
 			transfers = append(transfers, tr)
 		}
@@ -220,6 +247,10 @@ func crashDuring(c *cluster, done *atomic.Int64, total int, stop <-chan struct{}
 
 const (
 	callTimeout = time.Second
+	// msgTimeout is how long the coordinator waits for a message's submit before it asks.
+	msgTimeout = 2 * time.Second
+	// tccLateTimeout is the timeout of TCC initiators that decide late.
+	tccLateTimeout = 1500 * time.Millisecond
 	// Backoffs short enough to keep the run brisk.
 	initialBackoff = 20 * time.Millisecond
 	maxBackoff     = 200 * time.Millisecond
@@ -234,22 +265,32 @@ func (e *proofEnv) run(ctx context.Context, tr *transfer) error {
 	var err error
 	switch tr.mode {
 	case modeSaga:
-		_, err = c.Saga(ctx, sdk.Saga{GID: tr.gid, Wait: wait, Steps: []sdk.Step{
+		steps := []sdk.Step{
 			{Name: "debit", Action: e.a.call(methodDebit, from), Compensate: e.a.call(methodRefund, from), Retry: retry, CallTimeout: callTimeout},
 			{Name: "credit", Action: e.b.call(methodCredit, to), Compensate: e.b.call(methodUncredit, to), Retry: retry, CallTimeout: callTimeout},
-		}})
+		}
+		if tr.creditFirst {
+			steps[0], steps[1] = steps[1], steps[0]
+		}
+		_, err = c.Saga(ctx, sdk.Saga{GID: tr.gid, Wait: wait, Steps: steps})
 	case modeTCC:
 		if tr.dies {
 			return e.tccInitiatorDies(ctx, c, tr, from, to, retry)
 		}
-		_, err = c.TCC(ctx, sdk.TCCOptions{GID: tr.gid, Timeout: 5 * time.Second, Wait: wait}, func(ctx context.Context, s *sdk.TCCScope) error {
+		timeout := 5 * time.Second
+		if tr.decideAfter > 0 {
+			timeout = tccLateTimeout
+		}
+		_, err = c.TCC(ctx, sdk.TCCOptions{GID: tr.gid, Timeout: timeout, Wait: wait}, func(ctx context.Context, s *sdk.TCCScope) error {
 			if _, err := s.Try(ctx, sdk.TCCBranch{Name: "payer", Try: e.a.call(methodFreeze, from), Confirm: e.a.call(methodSpendFrozen, from),
 				Cancel: e.a.call(methodUnfreeze, from), Retry: retry, CallTimeout: callTimeout}); err != nil {
 				return err
 			}
-			_, err := s.Try(ctx, sdk.TCCBranch{Name: "payee", Try: e.b.call(methodExpect, to), Confirm: e.b.call(methodReceive, to),
-				Cancel: e.b.call(methodUnexpect, to), Retry: retry, CallTimeout: callTimeout})
-			return err
+			if _, err := s.Try(ctx, sdk.TCCBranch{Name: "payee", Try: e.b.call(methodExpect, to), Confirm: e.b.call(methodReceive, to),
+				Cancel: e.b.call(methodUnexpect, to), Retry: retry, CallTimeout: callTimeout}); err != nil {
+				return err
+			}
+			return sleepCtx(ctx, tr.decideAfter)
 		})
 	case mode2PC:
 		_, err = c.TwoPhase(ctx, sdk.TwoPhase{GID: tr.gid, Timeout: 5 * time.Second, Wait: wait, Branches: []sdk.TwoPhaseBranch{
@@ -260,11 +301,14 @@ func (e *proofEnv) run(ctx context.Context, tr *transfer) error {
 		}})
 	case modeMsg:
 		_, err = c.Message(ctx, sdk.Message{
-			GID: tr.gid, Timeout: 2 * time.Second, Wait: wait,
+			GID: tr.gid, Timeout: msgTimeout, Wait: wait,
 			QueryPrepared: sdk.Call{Target: "grpc://" + e.a.addr + methodQueryPrepared},
 			Deliveries:    []sdk.Delivery{{Name: "credit", Call: e.b.call(methodDeliver, to), Retry: retry, CallTimeout: callTimeout}},
 		}, func(ctx context.Context, gid string) error {
-			if err := e.a.localDebit(ctx, gid, from); err != nil {
+			if err := sleepCtx(ctx, tr.localStartsAfter); err != nil {
+				return err
+			}
+			if err := e.a.localDebit(ctx, gid, from, tr.localHolds); err != nil {
 				return err
 			}
 			tr.localCommitted = true
@@ -373,13 +417,14 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 	require.Zero(t, e.b.wrongCalls.Load(), "calls with the wrong Treaty metadata at bank B")
 
 	type tally struct {
-		succeeded, rolledBack, never, refusedHuge, died int
-		moved                                           int64 // the amounts of the transfers that succeeded
-		initiatorErrors                                 map[string]int
+		succeeded, rolledBack, never, refusedHuge, refusedClosed, died int
+		late                                                           map[bool]int // late TCC deciders by outcome
+		moved                                                          int64        // the amounts of the transfers that succeeded
+		initiatorErrors                                                map[string]int
 	}
 	tallies := map[string]*tally{}
 	for _, m := range proofModes() {
-		tallies[m] = &tally{initiatorErrors: map[string]int{}}
+		tallies[m] = &tally{initiatorErrors: map[string]int{}, late: map[bool]int{}}
 	}
 	for _, tr := range transfers {
 		ty := tallies[tr.mode]
@@ -411,6 +456,16 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 		if tr.amount == hugeAmount {
 			require.False(t, succeeded, "%s %s: a transfer of %d succeeded", tr.mode, tr.gid, tr.amount)
 			ty.refusedHuge++
+		}
+		if strings.Contains(tr.to, "closed") {
+			require.False(t, succeeded, "%s %s: credited a closed account", tr.mode, tr.gid)
+			ty.refusedClosed++
+		}
+		if errors.Is(tr.err, sdk.ErrFailedPrecondition) {
+			require.False(t, succeeded, "%s %s: the initiator's decision was refused, yet it succeeded: %v", tr.mode, tr.gid, tr.err)
+		}
+		if tr.decideAfter > 0 {
+			ty.late[succeeded]++
 		}
 		if tr.dies {
 			ty.died++
@@ -448,23 +503,43 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 		}
 	}
 
+	// The undo paths ran, with effect: refunds and taken-back credits (sagas), released
+	// reservations on both sides (TCC).
+	effects := map[string]int{}
+	for bankName, led := range map[string]map[string][]ledgerRow{"A": ledA, "B": ledB} {
+		for _, rows := range led {
+			for _, r := range rows {
+				effects[bankName+" "+r.Mode+" "+r.Op]++
+			}
+		}
+	}
+	t.Logf("business changes by bank, mode and operation: %v", effects)
+	for _, k := range []string{"A saga compensate", "B saga compensate", "A tcc cancel", "B tcc cancel"} {
+		require.Positive(t, effects[k], "no %s changed anything: the undo path went untested", k)
+	}
+
 	// Per mode, and so in total: the money that left A is the money that reached B, which is
 	// the sum of the successful transfers' amounts.
 	for _, m := range proofModes() {
 		var lossA, gainB int64
-		for i := range accountsPerMode {
-			id := accountID(m, "a", i)
-			lossA += payers[id] - accA[id].Balance
-			id = accountID(m, "b", i)
-			gainB += accB[id].Balance - payees[id]
+		for id, initial := range payers {
+			if strings.HasPrefix(id, m+"-") {
+				lossA += initial - accA[id].Balance
+			}
+		}
+		for id, initial := range payees {
+			if strings.HasPrefix(id, m+"-") {
+				gainB += accB[id].Balance - initial
+			}
 		}
 		ty := tallies[m]
 		require.Equal(t, ty.moved, lossA, "%s: bank A lost %d, successful transfers total %d", m, lossA, ty.moved)
 		require.Equal(t, ty.moved, gainB, "%s: bank B gained %d, successful transfers total %d", m, gainB, ty.moved)
 		require.Positive(t, ty.succeeded, "%s: no transfer succeeded", m)
 		require.Positive(t, ty.refusedHuge, "%s: no transfer was refused", m)
-		t.Logf("%-4s: %d succeeded (%d moved), %d rolled back (%d of them too large), %d never reached a coordinator, %d initiators died; initiator errors %v",
-			m, ty.succeeded, ty.moved, ty.rolledBack, ty.refusedHuge, ty.never, ty.died, ty.initiatorErrors)
+		t.Logf("%-4s: %d succeeded (%d moved), %d rolled back (%d too large, %d to a closed account), %d never reached a coordinator, "+
+			"%d initiators died, late deciders confirmed/cancelled %d/%d; initiator errors %v",
+			m, ty.succeeded, ty.moved, ty.rolledBack, ty.refusedHuge, ty.refusedClosed, ty.never, ty.died, ty.late[true], ty.late[false], ty.initiatorErrors)
 	}
 	var total, initial int64
 	for id, acc := range accA {
