@@ -164,6 +164,10 @@ func (h *Handler) authenticate(r *http.Request) (caller, *apiError) {
 	if h.open {
 		return caller{role: RoleOperator, actor: "anonymous (admin API open, dev mode)"}, nil
 	}
+	if len(h.tokens) == 0 {
+		return caller{}, &apiError{status: http.StatusUnauthorized, Code: "unauthenticated", Field: "Authorization",
+			Message: "this coordinator has no admin tokens configured (--admin-tokens-file or TREATY_ADMIN_TOKENS), so the admin API refuses every request"}
+	}
 	auth := r.Header.Get("Authorization")
 	if auth == "" {
 		return caller{}, &apiError{status: http.StatusUnauthorized, Code: "unauthenticated",
@@ -182,11 +186,8 @@ func (h *Handler) authenticate(r *http.Request) (caller, *apiError) {
 		}
 	}
 	if found < 0 {
-		msg := "the bearer token is not one of this coordinator's admin tokens"
-		if len(h.tokens) == 0 {
-			msg = "this coordinator has no admin tokens configured (--admin-tokens-file or TREATY_ADMIN_TOKENS), so the admin API refuses every request"
-		}
-		return caller{}, &apiError{status: http.StatusUnauthorized, Code: "unauthenticated", Message: msg, Field: "Authorization"}
+		return caller{}, &apiError{status: http.StatusUnauthorized, Code: "unauthenticated",
+			Message: "the bearer token is not one of this coordinator's admin tokens", Field: "Authorization"}
 	}
 	t := h.tokens[found]
 	return caller{role: t.role, actor: t.Actor()}, nil
