@@ -23,6 +23,7 @@ import (
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/admin"
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/grpcauth"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/metrics"
 	"github.com/treatyhq/treaty/internal/server"
@@ -55,6 +56,13 @@ type Config struct {
 	AdminTokens []admin.Token
 	// AdminOpen serves the admin API without tokens, everyone an operator: dev mode only.
 	AdminOpen bool
+	// GRPC secures the gRPC API: TLS (mutual with a client CA), bearer tokens and per-client
+	// rate limits. The zero value serves plaintext to anyone. Logger and Registerer are filled
+	// in here when nil.
+	GRPC grpcauth.Config
+	// ParticipantTLS, when set, chooses the transport of each participant endpoint; it becomes
+	// Invoke.TransportFor, which must then be nil.
+	ParticipantTLS *grpcauth.ParticipantTLS
 }
 
 // App is a running coordinator.
@@ -115,9 +123,26 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		return fail(err)
 	}
 	cfg.Invoke.Logger = cfg.Logger
+	if cfg.ParticipantTLS != nil {
+		if cfg.Invoke.TransportFor != nil {
+			return fail(errors.New("set ParticipantTLS or Invoke.TransportFor, not both"))
+		}
+		cfg.Invoke.TransportFor = cfg.ParticipantTLS.TransportFor
+	}
 	a.inv = invoke.New(cfg.Invoke)
 	a.Registry = prometheus.NewRegistry()
 	a.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	gc := cfg.GRPC
+	if gc.Logger == nil {
+		gc.Logger = cfg.Logger
+	}
+	if gc.Registerer == nil {
+		gc.Registerer = a.Registry
+	}
+	guard, err := grpcauth.New(gc)
+	if err != nil {
+		return fail(fmt.Errorf("gRPC security: %w", err))
+	}
 	ec := cfg.Engine
 	ec.Store, ec.Invoker, ec.Logger = st, a.inv, cfg.Logger
 	if ec.Observer == nil {
@@ -139,7 +164,8 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		lim.MaxPayloadBytes = engine.DefaultMaxPayloadBytes
 	}
 	// A saga carries at most two payloads per step; leave room for the rest of the message.
-	a.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(lim.MaxSteps*2*lim.MaxPayloadBytes + 1<<20))
+	// Larger requests fail RESOURCE_EXHAUSTED before they reach a handler.
+	a.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(lim.MaxSteps*2*lim.MaxPayloadBytes + 1<<20)}, guard.ServerOptions()...)...)
 	treatyv1.RegisterCoordinatorServer(a.grpc, &server.Coordinator{Engine: a.Engine})
 	a.health = health.NewServer()
 	healthpb.RegisterHealthServer(a.grpc, a.health)
@@ -169,6 +195,7 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	a.health.SetServingStatus(treatyv1.Coordinator_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	a.log.Info("coordinator serving", "grpc", a.Addr, "http", a.HTTPAddr, "owner", a.Engine.Owner())
+	a.log.Info("gRPC API security", guard.Describe()...)
 	return a, nil
 }
 
