@@ -150,6 +150,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.String(&c.listen, "listen", ":7600", "gRPC listen address")
 	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz, /readyz, the admin API (/admin/v1) and the dashboard (/ui) (empty: off)")
 	f.String(&c.adminTokensFile, "admin-tokens-file", "", adminTokensUsage)
+	sec := addSecurityFlags(f)
 	f.String(&c.owner, "owner", "", "replica id used in leases (default host-pid-random)")
 	f.Duration(&c.lease, "lease", 10*time.Second, "how long a replica owns a transaction without renewing; a dead replica's work resumes elsewhere after this")
 	f.Duration(&c.recovery, "recovery-interval", time.Second, "how often to look for due work (retries, expired leases)")
@@ -181,9 +182,13 @@ func serve(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
+	grpcSec, participantTLS, err := sec.build(env, log)
+	if err != nil {
+		return err
+	}
 	a, err := app.Start(ctx, app.Config{
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
-		AdminTokens: tokens,
+		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS,
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
 			MaxActive: c.maxActive, OperatorThreshold: c.threshold,
