@@ -46,10 +46,12 @@ function badge(word, extra) {
   return el("span", { class: "badge s-" + (extra || word), "data-status": word }, word.replace(/_/g, " "));
 }
 
+// when shows a time in the browser's zone as YYYY-MM-DD HH:MM:SS: unambiguous at 3 a.m.
 function when(ts) {
   if (!ts) return "";
   const d = new Date(ts);
-  return d.toLocaleString(undefined, { year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  const p = (n) => String(n).padStart(2, "0");
+  return d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate()) + " " + p(d.getHours()) + ":" + p(d.getMinutes()) + ":" + p(d.getSeconds());
 }
 
 function ago(ts) {
@@ -271,10 +273,14 @@ async function transaction(gen, gid) {
 }
 
 function showTransaction(gen, t) {
-  const operator = me && me.role === "operator";
+  // Offer actions to operators on transactions not finished. The server's state machines still
+  // decide; this only keeps buttons that can only answer "no" out of the way.
+  const finished = ["succeeded", "compensated"].includes(t.state) && !t.paused;
+  const operator = me && me.role === "operator" && !finished;
+  const why = finished ? "the transaction is finished" : "needs an operator token";
   const actionButtons = ["retry", "resume", "rollback", t.paused ? "unpause" : "pause"].map((a) =>
     el("button", { type: "button", "data-action": a, class: a === "rollback" ? "danger" : "", disabled: !operator,
-      title: operator ? ACTIONS[a].what : "needs an operator token", onclick: () => act(gen, t, a) }, ACTIONS[a].label));
+      title: operator ? ACTIONS[a].what : why, onclick: () => act(gen, t, a) }, ACTIONS[a].label));
   const facts = el("dl", { class: "facts" },
     fact("mode", t.mode),
     fact("status", [badge(t.status, t.state), " ", el("span", { class: "muted" }, t.state.replace(/_/g, " ")), t.paused ? [" ", badge("paused")] : null]),
@@ -289,11 +295,12 @@ function showTransaction(gen, t) {
     b.name, b.op, badge(b.status), String(b.attempts), el("span", { class: "wrap" }, b.last_error || ""), ago(b.updated_at),
     b.status === "succeeded" || b.status === "skipped" ? "" :
       el("button", { type: "button", "data-action": "resolve", "data-branch": b.name, "data-op": b.op, disabled: !operator,
+        title: operator ? ACTIONS.resolve.what : why,
         onclick: () => act(gen, t, "resolve", b) }, ACTIONS.resolve.label),
   ]));
   const timeline = el("ol", { class: "timeline", id: "timeline" }, (t.events || []).map((e) =>
     el("li", { class: e.kind.startsWith("operator_") ? "operator" : "", "data-kind": e.kind },
-      el("span", { class: "muted", title: e.at }, when(e.at)),
+      el("span", { class: "muted at", title: e.at }, when(e.at)),
       el("span", { class: "kind" }, e.kind, e.branch ? el("span", { class: "muted" }, " " + e.op + ":" + e.branch) : null),
       el("span", { class: "wrap" }, e.detail || ""))));
   render(el("h1", {}, "Transaction ", el("code", { id: "gid" }, t.gid)), facts,
