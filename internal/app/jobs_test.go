@@ -65,9 +65,7 @@ func TestStuckTransactionIsRedriven(t *testing.T) {
 		script: func(ctx context.Context, c testparticipant.Call) error {
 			select {
 			case <-hang:
-				select { // the first call hangs until its deadline
-				case <-ctx.Done():
-				}
+				<-ctx.Done() // the first call hangs until its deadline
 				return ctx.Err()
 			default:
 				return nil
