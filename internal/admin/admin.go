@@ -109,6 +109,7 @@ func New(cfg Config) (*Handler, error) {
 		{"GET", "/admin/v1/transactions/{gid}", RoleViewer, h.get},
 		{"GET", "/admin/v1/workflows", RoleViewer, h.workflows},
 		{"GET", "/admin/v1/workflows/{name}", RoleViewer, h.workflows},
+		{"GET", "/admin/v1/jobs", RoleViewer, h.jobs},
 	}
 	for _, action := range Actions() {
 		h.routes = append(h.routes, route{"POST", "/admin/v1/transactions/{gid}/" + action, RoleOperator, h.action(action)})
@@ -304,6 +305,19 @@ func (h *Handler) workflows(w http.ResponseWriter, r *http.Request, _ caller) er
 			return err
 		}
 		out.Workflows = append(out.Workflows, wj)
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// jobs reports the reconciliation jobs' last runs on this replica (every replica runs them).
+func (h *Handler) jobs(w http.ResponseWriter, r *http.Request, _ caller) error {
+	if err := onlyParams(r.URL.Query()); err != nil {
+		return err
+	}
+	out := JobList{Replica: h.eng.Owner(), Jobs: []Job{}}
+	for _, j := range h.eng.Jobs() {
+		out.Jobs = append(out.Jobs, jobJSON(j))
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil

@@ -238,6 +238,33 @@ func TestWorkflows(t *testing.T) {
 	require.Empty(t, listGIDs(t, b, "workflow=booking"))
 }
 
+// TestJobs: the reconciliation jobs' last runs on the answering replica.
+func TestJobs(t *testing.T) {
+	t.Parallel()
+	b := setup(t, setupOpts{})
+	var before admin.JobList
+	b.get(t, "/admin/v1/jobs", &before)
+	require.Equal(t, b.app.Engine.Owner(), before.Replica)
+	var names []string
+	for _, j := range before.Jobs {
+		names = append(names, j.Name)
+	}
+	require.Equal(t, []string{"stuck_transactions", "expired_tcc", "in_doubt_2pc", "retention"}, names)
+
+	b.app.Engine.RunJobs(context.Background())
+	var after admin.JobList
+	b.get(t, "/admin/v1/jobs", &after)
+	require.Len(t, after.Jobs, 4)
+	for _, j := range after.Jobs {
+		require.NotNil(t, j.LastRun, j.Name)
+		require.Empty(t, j.Error, j.Name)
+		require.Zero(t, j.Findings, j.Name)
+	}
+	r := b.call(t, "GET", "/admin/v1/jobs?job=retention", viewerSecret, nil)
+	require.Equal(t, http.StatusBadRequest, r.status)
+	require.Equal(t, "job", r.apiError(t)["field"])
+}
+
 // TestAuth: no token 401, a viewer may read but not act (403), an operator may do both; the
 // probes, metrics, the OpenAPI document and the dashboard's files need no token.
 func TestAuth(t *testing.T) {
@@ -248,7 +275,8 @@ func TestAuth(t *testing.T) {
 	for _, auth := range []string{"", "Bearer ", "Bearer wrong-token-0123456789", "Basic " + viewerSecret, viewerSecret, "Bearer " + viewerSecret + "x"} {
 		for _, rt := range []struct{ method, path string }{
 			{"GET", "/admin/v1/stats"}, {"GET", "/admin/v1/transactions"}, {"GET", "/admin/v1/transactions/auth-1"},
-			{"GET", "/admin/v1/workflows"}, {"GET", "/admin/v1/whoami"}, {"POST", "/admin/v1/transactions/auth-1/retry"},
+			{"GET", "/admin/v1/workflows"}, {"GET", "/admin/v1/whoami"}, {"GET", "/admin/v1/jobs"},
+			{"POST", "/admin/v1/transactions/auth-1/retry"},
 		} {
 			req, err := http.NewRequest(rt.method, b.base+rt.path, strings.NewReader(`{"reason":"x"}`))
 			require.NoError(t, err)

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/store"
 )
 
@@ -104,6 +105,28 @@ type WorkflowList struct {
 	Workflows []Workflow `json:"workflows"`
 }
 
+// JobList is the reconciliation jobs' status as the answering replica saw its last runs.
+type JobList struct {
+	// Replica is the answering replica's owner id; every replica runs the jobs on its own.
+	Replica string `json:"replica"`
+	Jobs    []Job  `json:"jobs"`
+}
+
+// Job is the last run of one reconciliation job.
+type Job struct {
+	Name string `json:"name"`
+	// LastRun is absent until the job has run on this replica.
+	LastRun         *time.Time `json:"last_run,omitempty"`
+	DurationSeconds float64    `json:"duration_seconds"`
+	// Findings counts what needs attention (stuck, expired, in doubt) or, for retention, what
+	// was deleted.
+	Findings int `json:"findings"`
+	// Sample lists some of the gids concerned.
+	Sample []string `json:"sample,omitempty"`
+	Detail string   `json:"detail,omitempty"`
+	Error  string   `json:"error,omitempty"`
+}
+
 // Whoami says who the caller is to the coordinator.
 type Whoami struct {
 	Role  Role   `json:"role"`
@@ -170,6 +193,15 @@ func statsJSON(s store.Stats) Stats {
 	if !s.OldestRunning.IsZero() {
 		t := s.OldestRunning
 		out.OldestRunningCreatedAt = &t
+	}
+	return out
+}
+
+func jobJSON(j engine.JobStatus) Job {
+	out := Job{Name: j.Name, DurationSeconds: j.Duration.Seconds(), Findings: j.Findings, Sample: j.Sample, Detail: j.Detail, Error: j.Err}
+	if !j.LastRun.IsZero() {
+		t := j.LastRun
+		out.LastRun = &t
 	}
 	return out
 }

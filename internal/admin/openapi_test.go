@@ -106,7 +106,7 @@ func TestOpenAPIMatchesHandlers(t *testing.T) {
 		"Transaction": admin.Transaction{}, "Branch": admin.Branch{}, "Event": admin.Event{},
 		"TransactionList": admin.TransactionList{}, "Stats": admin.Stats{}, "StatusCount": admin.StatusCount{},
 		"Workflow": admin.Workflow{}, "WorkflowList": admin.WorkflowList{}, "Whoami": admin.Whoami{},
-		"ActionRequest": admin.ActionRequest{},
+		"ActionRequest": admin.ActionRequest{}, "JobList": admin.JobList{}, "Job": admin.Job{},
 	} {
 		schema, ok := doc.Components.Schemas[name]
 		require.True(t, ok, "schema %s is documented", name)

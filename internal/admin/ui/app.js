@@ -137,10 +137,11 @@ async function whoami() {
 // ---- Pages.
 
 async function overview(gen) {
-  const [stats, needs, failed] = await Promise.all([
+  const [stats, needs, failed, jobs] = await Promise.all([
     api("/stats"),
     api("/transactions?status=needs_operator&limit=20"),
     api("/transactions?status=" + FAILED.join(",") + "&limit=20"),
+    api("/jobs"),
   ]);
   if (gen !== generation) return;
   const cards = el("div", { class: "cards" },
@@ -157,7 +158,14 @@ async function overview(gen) {
   render(el("h1", {}, "Overview"), cards,
     el("h2", {}, "Needs an operator"), txTable(needs.transactions, "Nothing waits for an operator."),
     el("h2", {}, "Recent failures"), txTable(failed.transactions, "No transaction turned back recently."),
-    el("h2", {}, "By mode and status"), stats.counts.length ? counts : el("p", { class: "muted" }, "No transactions yet."));
+    el("h2", {}, "By mode and status"), stats.counts.length ? counts : el("p", { class: "muted" }, "No transactions yet."),
+    el("h2", {}, "Reconciliation jobs ", el("span", { class: "muted" }, "(last runs on replica " + jobs.replica + ")")),
+    table(["job", "last run", "findings", "detail", "sample"], jobs.jobs.map((j) => [
+      j.name, j.last_run ? ago(j.last_run) : "not yet",
+      el("span", { class: j.findings > 0 && j.name !== "retention" ? "badge s-needs_operator" : "" }, String(j.findings)),
+      el("span", { class: j.error ? "s-failed" : "" }, j.error || j.detail || ""),
+      (j.sample || []).slice(0, 5).map((g) => [txLink(g), " "]),
+    ])));
   schedule(gen, () => overview(gen));
 }
 
