@@ -125,9 +125,9 @@ type bankOptions struct {
 	// TryFaults, when set, injects faults into TCC tries on the server side: the SDK calls tries
 	// itself, on connections it dials without a hook for interceptors.
 	TryFaults *injector
-	// PrepareDelay holds every 2PC prepare this long before it starts, so a test can order the
-	// prepares of two banks.
-	PrepareDelay time.Duration
+	// Delays holds every call of a method this long before its handler runs, so a test can
+	// order what happens at two banks.
+	Delays map[string]time.Duration
 }
 
 // bank is a participant: a gRPC server on 127.0.0.1 over its own PostgreSQL database, with the
@@ -262,9 +262,6 @@ func (b *bank) endpoint(method string) (endpoint, bool) {
 	}
 	prepare := func(c change, short func(participant.Metadata, order, string) error) func(context.Context, participant.Metadata, order) error {
 		return func(ctx context.Context, md participant.Metadata, o order) error {
-			if err := sleepCtx(ctx, b.opts.PrepareDelay); err != nil {
-				return err
-			}
 			return b.tp.Prepare(ctx, b.pool, md, func(ctx context.Context, tx pgx.Tx) error {
 				return b.apply(ctx, tx, md, o, c.times(o.Amount), short)
 			})
@@ -334,6 +331,9 @@ func (b *bank) localDebit(ctx context.Context, gid string, o order, hold time.Du
 
 // sleepCtx waits d or until ctx ends: the tests' way of being slow on purpose.
 func sleepCtx(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -403,6 +403,9 @@ func (b *bank) handle(_ any, stream grpc.ServerStream) error {
 		}
 	}
 	run := func(ctx context.Context) error {
+		if err := sleepCtx(ctx, b.opts.Delays[method]); err != nil {
+			return participant.ToStatus(err)
+		}
 		b.mu.Lock()
 		b.handledBy[md.GID]++
 		b.mu.Unlock()

@@ -68,7 +68,7 @@ func newCluster(t *testing.T, n int, faults *injector) *cluster {
 			}
 			cancel()
 		}
-		faults.Wait()
+		faults.Close()
 	})
 	return c
 }

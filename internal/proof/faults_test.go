@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -86,11 +87,14 @@ type injector struct {
 
 	counts [numFaults]atomic.Int64
 	late   sync.WaitGroup
+	// lateConns carry late requests, one per address: a request held up in the network arrives
+	// even when its sender has died and closed its own connection meanwhile.
+	lateConns map[string]*grpc.ClientConn
 }
 
 func newInjector(name string, seed uint64, rates faultRates) *injector {
 	return &injector{
-		name: name, rates: rates, lateTimeout: 3 * time.Second,
+		name: name, rates: rates, lateTimeout: 3 * time.Second, lateConns: map[string]*grpc.ClientConn{},
 		// A second word derived from the name, so injectors sharing a seed draw different streams.
 		rng: rand.New(rand.NewPCG(seed, nameHash(name))),
 	}
@@ -120,6 +124,38 @@ func (in *injector) pick() fault {
 
 // Wait waits for every late request to be sent and answered.
 func (in *injector) Wait() { in.late.Wait() }
+
+// Close waits for the late requests and closes their connections.
+func (in *injector) Close() {
+	in.late.Wait()
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for _, c := range in.lateConns {
+		_ = c.Close()
+	}
+	in.lateConns = map[string]*grpc.ClientConn{}
+}
+
+// lateConn returns the injector's own connection to the address cc dials (its first one, for
+// the coordinator's "treaty-invoke:///host:port,..." targets).
+func (in *injector) lateConn(cc *grpc.ClientConn) (*grpc.ClientConn, error) {
+	addr := cc.Target()
+	if _, rest, ok := strings.Cut(addr, ":///"); ok {
+		addr = rest
+	}
+	addr, _, _ = strings.Cut(addr, ",")
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if c, ok := in.lateConns[addr]; ok {
+		return c, nil
+	}
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	in.lateConns[addr] = c
+	return c, nil
+}
 
 // summary renders the counts, for the test log.
 func (in *injector) summary() string {
@@ -169,7 +205,11 @@ func (in *injector) client() grpc.UnaryClientInterceptor {
 				// The metadata (gid, branch, op) travels on; the caller's deadline does not.
 				lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), in.lateTimeout)
 				defer cancel()
-				_ = invoker(lctx, method, req, freshReply(reply), cc, opts...)
+				conn, err := in.lateConn(cc)
+				if err != nil {
+					return
+				}
+				_ = invoker(lctx, method, req, freshReply(reply), conn, opts...)
 			}()
 			if !ok {
 				return status.Errorf(codes.Unavailable, "proof: %s delayed; the caller had no deadline", method)
@@ -298,6 +338,7 @@ func TestInjectorFaults(t *testing.T) {
 				rates.Unavailable = 1
 			}
 			in := newInjector("test-"+tc.f.String(), 1, rates)
+			t.Cleanup(in.Close)
 			conn := dialBank(t, bk, in)
 			gid := "inj-" + tc.f.String()
 			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)

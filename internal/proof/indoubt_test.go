@@ -53,7 +53,7 @@ func TestTwoPhaseInDoubtAfterCoordinatorKill(t *testing.T) {
 			t.Parallel()
 			const amount = 300
 			a := newBank(t, bankOptions{Name: "A", Accounts: map[string]int64{"alice": 1000}})
-			b := newBank(t, bankOptions{Name: "B", Accounts: map[string]int64{"bob": 0}, PrepareDelay: 300 * time.Millisecond})
+			b := newBank(t, bankOptions{Name: "B", Accounts: map[string]int64{"bob": 0}, Delays: map[string]time.Duration{methodPrepareCredit: 300 * time.Millisecond}})
 			db := pgtest.NewDatabase(t)
 			out, err := exec.Command(bin, "migrate", "--db", db).CombinedOutput()
 			require.NoError(t, err, "%s", out)

@@ -419,7 +419,8 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 	type tally struct {
 		succeeded, rolledBack, never, refusedHuge, refusedClosed, died int
 		late                                                           map[bool]int // late TCC deciders by outcome
-		moved                                                          int64        // the amounts of the transfers that succeeded
+		slowest                                                        time.Duration
+		moved                                                          int64 // the amounts of the transfers that succeeded
 		initiatorErrors                                                map[string]int
 	}
 	tallies := map[string]*tally{}
@@ -428,6 +429,7 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 	}
 	for _, tr := range transfers {
 		ty := tallies[tr.mode]
+		ty.slowest = max(ty.slowest, tr.elapsed)
 		if tr.err != nil {
 			ty.initiatorErrors[errorKind(tr.err)]++
 		}
@@ -538,8 +540,9 @@ func (e *proofEnv) check(t *testing.T, transfers []*transfer, payers, payees map
 		require.Positive(t, ty.succeeded, "%s: no transfer succeeded", m)
 		require.Positive(t, ty.refusedHuge, "%s: no transfer was refused", m)
 		t.Logf("%-4s: %d succeeded (%d moved), %d rolled back (%d too large, %d to a closed account), %d never reached a coordinator, "+
-			"%d initiators died, late deciders confirmed/cancelled %d/%d; initiator errors %v",
-			m, ty.succeeded, ty.moved, ty.rolledBack, ty.refusedHuge, ty.refusedClosed, ty.never, ty.died, ty.late[true], ty.late[false], ty.initiatorErrors)
+			"%d initiators died, late deciders confirmed/cancelled %d/%d; initiator errors %v; slowest initiator %s",
+			m, ty.succeeded, ty.moved, ty.rolledBack, ty.refusedHuge, ty.refusedClosed, ty.never, ty.died, ty.late[true], ty.late[false],
+			ty.initiatorErrors, ty.slowest.Round(time.Millisecond))
 	}
 	var total, initial int64
 	for id, acc := range accA {
