@@ -397,6 +397,15 @@ func TestActions(t *testing.T) {
 			require.Equal(t, "invalid_argument", e["code"])
 			require.Equal(t, c.field, e["field"], "%+v", c)
 		}
+		req, err := http.NewRequest("POST", b.base+"/admin/v1/transactions/act-stuck/resume", strings.NewReader("reason=x"))
+		require.NoError(t, err)
+		req.Header.Set("Authorization", "Bearer "+operatorSecret)
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		res, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		_ = res.Body.Close()
+		require.Equal(t, http.StatusUnsupportedMediaType, res.StatusCode)
+
 		r := post("act-missing", "resume", admin.ActionRequest{Reason: "x"})
 		require.Equal(t, http.StatusNotFound, r.status)
 		require.Equal(t, "not_found", r.apiError(t)["code"])

@@ -34,6 +34,9 @@ var errorCodes = []struct {
 	{engine.ErrStopping, http.StatusServiceUnavailable, "unavailable"},
 	{engine.ErrOverloaded, http.StatusServiceUnavailable, "unavailable"},
 	{context.DeadlineExceeded, http.StatusGatewayTimeout, "deadline_exceeded"},
+	// The client went away (or the replica is stopping): nobody reads the answer; it only must
+	// not be logged as an internal failure.
+	{context.Canceled, http.StatusServiceUnavailable, "unavailable"},
 }
 
 // toAPIError turns an engine error into the answer a client sees. Unknown errors are internal:
