@@ -138,6 +138,7 @@ type serveConfig struct {
 	db, listen, httpListen, owner, logFormat, logLevel string
 	adminTokensFile                                    string
 	lease, recovery, shutdown                          time.Duration
+	reconcile, stuckAfter, retention                   time.Duration
 	maxActive, threshold, maxPayload                   int
 	maxSteps, dbConns, claimBatch                      int
 	autoMigrate                                        bool
@@ -164,6 +165,9 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.String(&c.logFormat, "log-format", "text", "log format: text or json")
 	f.String(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.Bool(&c.autoMigrate, "migrate", false, "apply schema migrations before serving")
+	f.Duration(&c.reconcile, "reconcile-interval", time.Minute, "how often the reconciliation jobs run (stuck transactions, expired TCC, 2PC in doubt, retention); negative: never")
+	f.Duration(&c.stuckAfter, "stuck-after", 10*time.Minute, "a live transaction with no progress and nothing scheduled for this long is re-driven; keep it above the longest call timeout")
+	f.Duration(&c.retention, "retention", 7*24*time.Hour, "finished transactions are deleted this long after they finished (not those waiting for an operator); negative: keep forever")
 	if err := f.parse(args, env.Getenv); err != nil {
 		return err
 	}
@@ -194,6 +198,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 			MaxActive: c.maxActive, OperatorThreshold: c.threshold,
 			Limits:     engine.Limits{MaxSteps: c.maxSteps, MaxPayloadBytes: c.maxPayload},
 			CrashPoint: crash,
+			Jobs:       engine.JobsConfig{Interval: c.reconcile, StuckAfter: c.stuckAfter, Retention: c.retention},
 		},
 	})
 	if err != nil {
