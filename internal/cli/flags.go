@@ -104,8 +104,10 @@ func kindOf(fl *flag.Flag) string {
 	switch fl.Value.(flag.Getter).Get().(type) {
 	case time.Duration:
 		return "a duration such as 10s or 1m30s"
-	case int:
+	case int, int64, uint, uint64:
 		return "an integer"
+	case float64:
+		return "a number such as 50 or 0.5"
 	case bool:
 		return "true or false"
 	}
