@@ -7,7 +7,6 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -114,10 +113,9 @@ type faults struct {
 	chaos   float64
 	injects atomic.Int64 // chaos failures injected
 
-	crashMu   sync.Mutex
-	crashGID  string
-	crashed   chan struct{}
-	crashedAt time.Time
+	crashMu  sync.Mutex
+	crashGID string
+	crashed  chan struct{}
 }
 
 // armCrash makes the service crash right after it commits the forward call of gid. The returned
@@ -152,7 +150,6 @@ func (f *faults) interceptor(ctx context.Context, req any, info *grpc.UnaryServe
 		go func() {
 			_ = f.svc.stop(context.Background())
 			f.crashMu.Lock()
-			f.crashedAt = time.Now()
 			close(f.crashed)
 			f.crashMu.Unlock()
 		}()

@@ -102,14 +102,13 @@ type relay interface {
 // serviceState is one lifetime of a service's storage, from start to crash or stop: its
 // database, barrier, outbox and the relay that empties the outbox.
 type serviceState struct {
-	db           *sql.DB
-	pool         *pgxpool.Pool // PostgreSQL only
-	barrier      *participant.Barrier
-	outbox       enqueuer
-	outboxTable  string
-	relay        relay
-	wake         func()
-	stopRelayErr error
+	db          *sql.DB
+	pool        *pgxpool.Pool // PostgreSQL only
+	barrier     *participant.Barrier
+	outbox      enqueuer
+	outboxTable string
+	relay       relay
+	wake        func()
 }
 
 // serviceStore holds a service's current storage; nil while the service is down.
