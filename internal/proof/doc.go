@@ -6,6 +6,7 @@
 // transfer either moved its amount exactly once or not at all, that nothing is left reserved
 // or prepared, and that every transaction ended without an operator.
 //
-// The package has no API: everything lives in its tests. Set TREATY_PROOF_SEED to replay a run's
-// fault sequence (the seed is logged), and TREATY_TEST_LOG=1 to see the coordinators' logs.
+// The package has no API: everything lives in its tests. The faults and the workload are drawn
+// from a fixed seed; set TREATY_PROOF_SEED to another number (every run logs its seed) or to
+// "random" to explore, and TREATY_TEST_LOG=1 to see the coordinators' logs.
 package proof

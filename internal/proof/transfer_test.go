@@ -100,9 +100,7 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 	sdkFaults := newInjector("initiators->coordinators", seed, faultRates{Drop: 0.02, Lose: 0.02, Duplicate: 0.02})
 	// TCC tries, which the SDK makes itself on connections without an interceptor hook: the
 	// banks inject these faults on their side.
-	tryFaults := faultRates{Delay: 0.02, Drop: 0.03, Lose: 0.03, Duplicate: 0.03, Unavailable: 0.02}
-	triesA := newInjector("tries at bank A", seed, tryFaults)
-	triesB := newInjector("tries at bank B", seed, tryFaults)
+	tries := newInjector("tries at the banks", seed, faultRates{Delay: 0.02, Drop: 0.03, Lose: 0.03, Duplicate: 0.03, Unavailable: 0.02})
 
 	payers, payees := map[string]int64{}, map[string]int64{}
 	var closed []string
@@ -115,8 +113,8 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 		payees[accountID(m, "closed", 0)] = payeeBalance
 	}
 	env := &proofEnv{
-		a: newBank(t, bankOptions{Name: "A", Accounts: payers, TryFaults: triesA}),
-		b: newBank(t, bankOptions{Name: "B", Accounts: payees, Closed: closed, TryFaults: triesB}),
+		a: newBank(t, bankOptions{Name: "A", Accounts: payers, TryFaults: tries}),
+		b: newBank(t, bankOptions{Name: "B", Accounts: payees, Closed: closed, TryFaults: tries}),
 	}
 	env.tryA, env.tryB = dialBank(t, env.a, nil), dialBank(t, env.b, nil)
 	env.cluster = newCluster(t, 2, coordFaults)
@@ -199,8 +197,7 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 	// Every transaction ends, on its own, as the surviving coordinators tell.
 	env.settle(t, checker, transfers)
 	coordFaults.Wait()
-	triesA.Wait()
-	triesB.Wait()
+	tries.Wait()
 
 	env.check(t, transfers, payers, payees)
 	// The crashes left work behind that recovery finished.
@@ -209,7 +206,7 @@ func TestMoneyTransfersUnderFaults(t *testing.T) {
 	require.Positive(t, taken[modeSaga]+taken[modeTCC]+taken[mode2PC]+taken[modeMsg], "no transaction was ever taken over")
 
 	// The faults did happen, every kind of them.
-	for _, in := range []*injector{coordFaults, triesA, triesB} {
+	for _, in := range []*injector{coordFaults, tries} {
 		t.Log(in.summary())
 		for f := faultDelay; f < numFaults; f++ {
 			require.Positive(t, in.count(f), "%s never injected %s", in.name, f)
