@@ -90,14 +90,10 @@ func newGID() (string, error) {
 
 // Get returns a transaction with its branches and events.
 func (e *Engine) Get(ctx context.Context, gid string) (*treatyv1.Transaction, error) {
-	t, bs, err := e.cfg.Store.GetTransaction(ctx, gid)
+	t, bs, evs, err := e.cfg.Store.GetView(ctx, gid)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("gid %q: %w", gid, ErrNotFound)
 	}
-	if err != nil {
-		return nil, err
-	}
-	evs, err := e.cfg.Store.ListEvents(ctx, gid)
 	if err != nil {
 		return nil, err
 	}
@@ -110,6 +106,17 @@ func (e *Engine) Wait(ctx context.Context, gid string, timeout time.Duration) (*
 	defer cancel()
 	done, unwatch := e.watch(gid)
 	defer unwatch()
+	e.mu.Lock()
+	_, local := e.active[gid]
+	e.mu.Unlock()
+	if local {
+		// Driven here: its driver says when it is done; read the database once, then.
+		select {
+		case <-done:
+			done = nil
+		case <-ctx.Done():
+		}
+	}
 	poll := 20 * time.Millisecond
 	for {
 		tx, err := e.Get(context.WithoutCancel(ctx), gid)

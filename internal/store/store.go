@@ -286,6 +286,9 @@ type Store interface {
 	// GetTransaction returns a transaction and its branches (ordered by position, op), or
 	// ErrNotFound.
 	GetTransaction(ctx context.Context, gid string) (Transaction, []Branch, error)
+	// GetView returns a transaction with its branches and history, read together (one round
+	// trip where the backend allows).
+	GetView(ctx context.Context, gid string) (Transaction, []Branch, []Event, error)
 	// ListEvents returns a transaction's history in order.
 	ListEvents(ctx context.Context, gid string) ([]Event, error)
 	// ClaimDue claims up to Limit due transactions for Owner, incrementing their epochs.

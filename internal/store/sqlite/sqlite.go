@@ -430,7 +430,11 @@ func (s *Store) GetTransaction(ctx context.Context, gid string) (store.Transacti
 
 // ListEvents implements store.Store.
 func (s *Store) ListEvents(ctx context.Context, gid string) ([]store.Event, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id, at, kind, branch, op, detail FROM treaty_events WHERE gid = ? ORDER BY id`, gid)
+	return s.events(ctx, s.db, gid)
+}
+
+func (s *Store) events(ctx context.Context, q querier, gid string) ([]store.Event, error) {
+	rows, err := q.QueryContext(ctx, `SELECT id, at, kind, branch, op, detail FROM treaty_events WHERE gid = ? ORDER BY id`, gid)
 	if err != nil {
 		return nil, fmt.Errorf("read events of %q: %w", gid, err)
 	}
