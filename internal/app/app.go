@@ -29,6 +29,7 @@ import (
 	"github.com/treatyhq/treaty/internal/server"
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/internal/store/postgres"
+	"github.com/treatyhq/treaty/internal/tracing"
 )
 
 // Config configures a coordinator.
@@ -63,6 +64,9 @@ type Config struct {
 	// ParticipantTLS, when set, chooses the transport of each participant endpoint; it becomes
 	// Invoke.TransportFor, which must then be nil.
 	ParticipantTLS *grpcauth.ParticipantTLS
+	// Tracing exports OpenTelemetry spans (a span per driven transaction and per participant
+	// call) over OTLP; off by default. Engine.Tracer, when set, wins (tests record spans).
+	Tracing tracing.Config
 }
 
 // App is a running coordinator.
@@ -83,6 +87,8 @@ type App struct {
 	admin   *admin.Handler
 	served  chan error
 	stopped bool
+	// stopTracing flushes and stops the tracer provider this app made (nil when it made none).
+	stopTracing func(context.Context) error
 }
 
 // Start connects, checks the schema, and serves. Stop releases everything.
@@ -145,6 +151,14 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	}
 	ec := cfg.Engine
 	ec.Store, ec.Invoker, ec.Logger = st, a.inv, cfg.Logger
+	if ec.Tracer == nil {
+		tp, shutdown, err := tracing.New(ctx, cfg.Tracing)
+		if err != nil {
+			return fail(err)
+		}
+		a.stopTracing = shutdown
+		ec.Tracer = tp.Tracer("github.com/treatyhq/treaty/coordinator")
+	}
 	if ec.Observer == nil {
 		ec.Observer = metrics.New(a.Registry, st, a.inv.BreakerStates, cfg.Logger)
 	}
@@ -165,7 +179,8 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	}
 	// A saga carries at most two payloads per step; leave room for the rest of the message.
 	// Larger requests fail RESOURCE_EXHAUSTED before they reach a handler.
-	a.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(lim.MaxSteps*2*lim.MaxPayloadBytes + 1<<20)}, guard.ServerOptions()...)...)
+	a.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(lim.MaxSteps*2*lim.MaxPayloadBytes + 1<<20),
+		grpc.ChainUnaryInterceptor(tracing.UnaryServerInterceptor)}, guard.ServerOptions()...)...)
 	treatyv1.RegisterCoordinatorServer(a.grpc, &server.Coordinator{Engine: a.Engine})
 	a.health = health.NewServer()
 	healthpb.RegisterHealthServer(a.grpc, a.health)
@@ -222,6 +237,9 @@ func (a *App) Stop(ctx context.Context) error {
 	}
 	if a.http != nil {
 		_ = a.http.Shutdown(ctx)
+	}
+	if a.stopTracing != nil {
+		_ = a.stopTracing(ctx)
 	}
 	_ = a.inv.Close()
 	a.Store.Close()

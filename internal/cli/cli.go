@@ -22,6 +22,7 @@ import (
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/store/postgres"
+	"github.com/treatyhq/treaty/internal/tracing"
 )
 
 // Env carries what a command reads from its surroundings, so tests can supply their own.
@@ -139,6 +140,9 @@ type serveConfig struct {
 	adminTokensFile                                    string
 	lease, recovery, shutdown                          time.Duration
 	reconcile, stuckAfter, retention                   time.Duration
+	otlpEndpoint                                       string
+	otlpInsecure                                       bool
+	traceRatio                                         float64
 	maxActive, threshold, maxPayload                   int
 	maxSteps, dbConns, claimBatch                      int
 	autoMigrate                                        bool
@@ -165,6 +169,9 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.String(&c.logFormat, "log-format", "text", "log format: text or json")
 	f.String(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.Bool(&c.autoMigrate, "migrate", false, "apply schema migrations before serving")
+	f.String(&c.otlpEndpoint, "otlp-endpoint", "", "OTLP/gRPC collector (host:port) to export traces to: a span per transaction and per participant call (empty: tracing off)")
+	f.Bool(&c.otlpInsecure, "otlp-insecure", false, "send traces to the collector without TLS")
+	f.Float64(&c.traceRatio, "trace-sample-ratio", 1, "fraction of new traces kept (a caller's sampled trace is always continued)")
 	f.Duration(&c.reconcile, "reconcile-interval", time.Minute, "how often the reconciliation jobs run (stuck transactions, expired TCC, 2PC in doubt, retention); negative: never")
 	f.Duration(&c.stuckAfter, "stuck-after", 10*time.Minute, "a live transaction with no progress and nothing scheduled for this long is re-driven; keep it above the longest call timeout")
 	f.Duration(&c.retention, "retention", 7*24*time.Hour, "finished transactions are deleted this long after they finished (not those waiting for an operator); negative: keep forever")
@@ -200,6 +207,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 			CrashPoint: crash,
 			Jobs:       engine.JobsConfig{Interval: c.reconcile, StuckAfter: c.stuckAfter, Retention: c.retention},
 		},
+		Tracing: tracing.Config{OTLPEndpoint: c.otlpEndpoint, Insecure: c.otlpInsecure, SampleRatio: c.traceRatio},
 	})
 	if err != nil {
 		return err

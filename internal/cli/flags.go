@@ -113,3 +113,8 @@ func kindOf(fl *flag.Flag) string {
 	}
 	return "a string"
 }
+
+func (f *flags) Float64(p *float64, name string, def float64, usage string) {
+	f.fs.Float64Var(p, name, def, usage)
+	f.env[name] = envName(name)
+}

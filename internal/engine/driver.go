@@ -8,8 +8,13 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/internal/tracing"
 	"github.com/treatyhq/treaty/pkg/saga"
 )
 
@@ -35,6 +40,11 @@ type driver struct {
 	// paused is set by an operator; a paused transaction is recorded without an owner and not
 	// driven until unpaused.
 	paused bool
+	// parent is the trace context of the request that started this transaction, if any; the
+	// driver's span joins that trace.
+	parent trace.SpanContext
+	span   trace.Span
+	spanCx context.Context
 }
 
 type callResult struct {
@@ -87,7 +97,15 @@ func (d *driver) log() *slog.Logger { return d.e.log.With("gid", d.gid, "epoch",
 func (d *driver) run() {
 	terminal := false
 	inFlight := 0
+	d.spanCx, d.span = d.e.cfg.Tracer.Start(trace.ContextWithRemoteSpanContext(context.Background(), d.parent),
+		"treaty.transaction "+d.mode, trace.WithAttributes(
+			attribute.String("treaty.gid", d.gid), attribute.String("treaty.mode", d.mode), attribute.Int64("treaty.epoch", d.epoch)))
 	defer func() {
+		d.span.SetAttributes(attribute.String("treaty.status", d.m.status()), attribute.Bool("treaty.terminal", terminal))
+		if d.m.reason() != "" {
+			d.span.SetAttributes(attribute.String("treaty.reason", d.m.reason()))
+		}
+		d.span.End()
 		d.cancel()
 		d.e.unregister(d, terminal)
 	}()
@@ -221,11 +239,17 @@ func (d *driver) call(c dispatch) {
 	// The call never outlives the lease: once the lease could have passed to another replica,
 	// this replica must not be talking to the participant on the transaction's behalf.
 	timeout := min(c.timeout, d.leaseRemaining())
+	_, span := d.e.cfg.Tracer.Start(d.spanCx, "treaty.call "+c.op+" "+c.branch, trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(attribute.String("treaty.branch", c.branch), attribute.String("treaty.op", c.op),
+			attribute.String("treaty.target", targetLabel(c.target.target))))
+	defer span.End()
+	// The call is cancelled with the driver; it carries the call span's trace context.
+	callCtx := tracing.Inject(trace.ContextWithSpan(d.ctx, span))
 	var res invoke.Result
 	if timeout <= 0 {
 		res = invoke.Result{Outcome: invoke.Transient, Err: errors.New("lease too short to call")}
 	} else {
-		res = d.e.cfg.Invoker.Call(d.ctx, invoke.Request{
+		res = d.e.cfg.Invoker.Call(callCtx, invoke.Request{
 			Target:   c.target.target,
 			Payload:  c.target.payload,
 			Timeout:  timeout,
@@ -240,6 +264,10 @@ func (d *driver) call(c dispatch) {
 		label = "transient"
 	}
 	d.e.cfg.Observer.BranchCall(targetLabel(c.target.target), c.op, label, res.Duration)
+	span.SetAttributes(attribute.String("treaty.outcome", label))
+	if label != "ok" && res.Err != nil {
+		span.SetStatus(codes.Error, res.Err.Error())
+	}
 	d.results <- callResult{d: c, res: res, at: d.e.cfg.Now()}
 }
 

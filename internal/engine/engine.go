@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
@@ -60,6 +62,8 @@ type Config struct {
 	Observer Observer
 	// Jobs tunes the reconciliation jobs.
 	Jobs JobsConfig
+	// Tracer makes a span per driven transaction and per participant call; nil = none.
+	Tracer trace.Tracer
 
 	// CrashPoint is called at named points of the loop (fault injection for tests); nil = none.
 	CrashPoint func(name string)
@@ -144,6 +148,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Rand == nil {
 		c.Rand = rand.Float64
+	}
+	if c.Tracer == nil {
+		c.Tracer = noop.NewTracerProvider().Tracer("treaty")
 	}
 	if c.Observer == nil {
 		c.Observer = noObserver{}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
@@ -187,6 +188,7 @@ func (e *Engine) SubmitMsg(ctx context.Context, gid string) error {
 	if err != nil {
 		return err
 	}
+	d.parent = trace.SpanContextFromContext(ctx)
 	if !e.start(d) {
 		_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: gid, Epoch: d.epoch}})
 	}

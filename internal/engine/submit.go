@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
@@ -73,6 +74,7 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	e.cfg.CrashPoint(CrashAfterCreate)
 	m := newSagaMachine(plan, res.Transaction.Deadline, e.cfg.OperatorThreshold, saga.New(saga.Spec{Steps: plan.policy}))
 	d := e.newDriver(gid, "saga", 1, m, sent.Add(e.cfg.Lease))
+	d.parent = trace.SpanContextFromContext(ctx)
 	if !e.start(d) {
 		// Stopping: the lease expires (or recovery elsewhere claims it); nothing is lost.
 		_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: gid, Epoch: 1}})

@@ -29,6 +29,8 @@ type Call struct {
 	At      time.Time
 	// Deadline is what the caller allowed (zero when none was sent).
 	Deadline time.Time
+	// Traceparent is the W3C trace context the call carried, if any.
+	Traceparent string
 }
 
 // Script decides the answer to a call: return nil for OK, or a status error
@@ -101,6 +103,7 @@ func (p *Participant) handle(_ any, stream grpc.ServerStream) error {
 		Method: method, Payload: payload, At: time.Now(),
 		GID: first(md, invoke.MetadataGID), Branch: first(md, invoke.MetadataBranch),
 		Op: first(md, invoke.MetadataOp), Mode: first(md, invoke.MetadataMode),
+		Traceparent: first(md, "traceparent"),
 	}
 	if dl, ok := stream.Context().Deadline(); ok {
 		c.Deadline = dl
