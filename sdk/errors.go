@@ -45,6 +45,7 @@ type Error struct {
 	kind    error
 }
 
+// Error says which call failed and why.
 func (e *Error) Error() string { return fmt.Sprintf("treaty %s: %s", e.RPC, e.Message) }
 
 // Unwrap returns the sentinel the error's code maps to.

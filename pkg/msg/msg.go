@@ -22,6 +22,7 @@ import (
 // Op is an endpoint the coordinator calls.
 type Op string
 
+// The message ops.
 const (
 	OpDeliver Op = "deliver"
 	OpQuery   Op = "query_prepared"
@@ -30,6 +31,7 @@ const (
 // Phase is where a message is in its life.
 type Phase string
 
+// The message phases.
 const (
 	PhasePrepared      Phase = "prepared"
 	PhaseDelivering    Phase = "delivering"

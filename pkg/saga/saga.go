@@ -24,6 +24,7 @@ import (
 // Op names the endpoint of a step that a call targets.
 type Op string
 
+// The ops of a saga step.
 const (
 	OpAction     Op = "action"
 	OpCompensate Op = "compensate"
@@ -42,6 +43,7 @@ const (
 	Transient
 )
 
+// String names the outcome for logs and events.
 func (o Outcome) String() string {
 	switch o {
 	case OK:
@@ -57,6 +59,7 @@ func (o Outcome) String() string {
 // Phase is where a saga is in its life.
 type Phase string
 
+// A saga's phases.
 const (
 	PhaseRunning       Phase = "running"
 	PhaseCompensating  Phase = "compensating"

@@ -23,6 +23,7 @@ import (
 // Op is a coordinator-driven TCC endpoint.
 type Op string
 
+// The TCC ops.
 const (
 	OpTry     Op = "try" // called by the initiator, never by the coordinator
 	OpConfirm Op = "confirm"
@@ -32,6 +33,7 @@ const (
 // Phase is where a TCC transaction is in its life.
 type Phase string
 
+// The TCC phases.
 const (
 	PhaseTrying        Phase = "trying"
 	PhaseConfirming    Phase = "confirming"

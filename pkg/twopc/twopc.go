@@ -24,6 +24,7 @@ import (
 // Op is a participant endpoint.
 type Op string
 
+// The 2PC ops.
 const (
 	OpPrepare  Op = "prepare"
 	OpCommit   Op = "commit"
@@ -33,6 +34,7 @@ const (
 // Phase is where a 2PC transaction is in its life.
 type Phase string
 
+// The 2PC phases.
 const (
 	PhasePreparing     Phase = "preparing"
 	PhaseCommitting    Phase = "committing"

@@ -26,6 +26,7 @@ const (
 	DialectSQLite
 )
 
+// String names the dialect.
 func (d Dialect) String() string {
 	switch d {
 	case DialectPostgres:

@@ -16,6 +16,7 @@ type Error struct {
 	msg  string
 }
 
+// Error is the message; the code is in Code.
 func (e *Error) Error() string { return e.msg }
 
 // GRPCStatus makes status.FromError (and so the gRPC server) see the error's code.
