@@ -28,6 +28,8 @@ func commands() map[string]command {
 	return map[string]command{
 		"saga":   {"saga coordinator throughput and latency against the PostgreSQL commit ceiling", bench.SagaMain},
 		"outbox": {"outbox relay throughput and commit-to-ack latency against the PostgreSQL commit rate", bench.OutboxMain},
+		"tcc":    {"TCC transactions through the SDK (tries made by the client) against the PostgreSQL commit ceiling", bench.TCCMain},
+		"2pc":    {"two-phase commits through the SDK against the PostgreSQL commit ceiling", bench.TwoPhaseMain},
 	}
 }
 
