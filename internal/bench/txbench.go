@@ -151,6 +151,13 @@ type TxResult struct {
 	// Ratio = TxnsPerSec * CommitsPerTxn / PgCommitsPerSec: the share of the server's commit
 	// ceiling the coordinator used. Well below 1 means the time went elsewhere (CPU, round trips).
 	Ratio float64 `json:"ratio"`
+	// WindowTxnsPerSec counts only the transactions answered within the nominal duration, divided
+	// by it. It equals TxnsPerSec but for a slow straggler: Seconds runs to the last answer, so
+	// one transaction that takes 30s stretches the phase and divides TxnsPerSec by up to three
+	// while everyone else stopped at Duration; this figure is not moved by that.
+	WindowTxnsPerSec float64 `json:"window_txns_per_sec"`
+	// Over1s counts the succeeded transactions whose latency exceeded one second.
+	Over1s int64 `json:"over_1s"`
 
 	Participants int    `json:"participants"`
 	Coordinator  string `json:"coordinator"` // "in-process" or the address given
@@ -311,10 +318,10 @@ func runTx(ctx context.Context, cfg TxConfig, mode txMode) (res TxResult, err er
 	}()
 	// phase runs the clients against the coordinator at addr for d through one SDK client, as
 	// an application shares one.
-	phase := func(addr string, d time.Duration) (clientRun, error) {
+	phase := func(addr string, d time.Duration) (txRun, error) {
 		c, err := sdk.Dial(ctx, sdk.Options{Address: addr})
 		if err != nil {
-			return clientRun{}, fmt.Errorf("dial coordinator %s: %w", addr, err)
+			return txRun{}, fmt.Errorf("dial coordinator %s: %w", addr, err)
 		}
 		defer c.Close()
 		return runTxClients(ctx, func(ctx context.Context) error { return op(ctx, c) }, cfg.Concurrency, d)
@@ -405,6 +412,8 @@ func runTx(ctx context.Context, cfg TxConfig, mode txMode) (res TxResult, err er
 	if run.ok > 0 {
 		lat := Summarize(run.latencies)
 		res.TxnsPerSec = Round3(float64(run.ok) / run.elapsed.Seconds())
+		res.WindowTxnsPerSec = Round3(float64(run.inWindow) / cfg.Duration.Seconds())
+		res.Over1s = run.over1s
 		res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs = Millis(lat.Mean), Millis(lat.P50), Millis(lat.P90), Millis(lat.P99), Millis(lat.Max)
 		// Failed transactions wrote too; divide by every one begun so the figure is not inflated.
 		res.CommitsPerTxn = Round3(float64(res.XactCommits) / float64(run.ok+run.failed))
@@ -427,16 +436,23 @@ func runTx(ctx context.Context, cfg TxConfig, mode txMode) (res TxResult, err er
 	return res, nil
 }
 
+// txRun is a clientRun with what runTxClients counts besides.
+type txRun struct {
+	clientRun
+	inWindow int64 // succeeded and answered before the phase's nominal end
+	over1s   int64 // succeeded with a latency over one second
+}
+
 // runTxClients runs concurrency clients that each run op, then the next, until d has passed;
 // the transactions in flight then are finished and counted. elapsed runs from the start to the
 // last answer, so every counted transaction lies inside it.
-func runTxClients(ctx context.Context, op func(ctx context.Context) error, concurrency int, d time.Duration) (clientRun, error) {
+func runTxClients(ctx context.Context, op func(ctx context.Context) error, concurrency int, d time.Duration) (txRun, error) {
 	var (
-		wg       sync.WaitGroup
-		mu       sync.Mutex
-		ok, fail atomic.Int64
-		lats     = make([][]time.Duration, concurrency)
-		firstErr error
+		wg                     sync.WaitGroup
+		mu                     sync.Mutex
+		ok, fail, inWin, slow1 atomic.Int64
+		lats                   = make([][]time.Duration, concurrency)
+		firstErr               error
 	)
 	start := time.Now()
 	stopAt := start.Add(d)
@@ -463,12 +479,21 @@ func runTxClients(ctx context.Context, op func(ctx context.Context) error, concu
 				}
 				ok.Add(1)
 				own = append(own, lat)
+				if !t0.Add(lat).After(stopAt) {
+					inWin.Add(1)
+				}
+				if lat > time.Second {
+					slow1.Add(1)
+				}
 			}
 			lats[w] = own
 		}()
 	}
 	wg.Wait()
-	run := clientRun{ok: ok.Load(), failed: fail.Load(), elapsed: time.Since(start), firstErr: firstErr}
+	run := txRun{
+		clientRun: clientRun{ok: ok.Load(), failed: fail.Load(), elapsed: time.Since(start), firstErr: firstErr},
+		inWindow:  inWin.Load(), over1s: slow1.Load(),
+	}
 	for _, l := range lats {
 		run.latencies = append(run.latencies, l...)
 	}
@@ -550,6 +575,10 @@ func txMain(ctx context.Context, mode txMode, usage string, args []string, stdou
 		res.Bench, res.Branches, res.Concurrency, res.Participants, res.Coordinator, res.PgVersion)
 	fmt.Fprintf(stdout, "  %d transactions in %.1fs (%d failed): %.0f txns/s; latency mean %.2fms p50 %.2fms p90 %.2fms p99 %.2fms max %.2fms\n",
 		res.Txns, res.Seconds, res.Failed, res.TxnsPerSec, res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs)
+	if res.Over1s > 0 {
+		fmt.Fprintf(stdout, "  %d transaction(s) took over 1s; within the nominal %s: %.0f txns/s\n",
+			res.Over1s, cfg.Duration, res.WindowTxnsPerSec)
+	}
 	fmt.Fprintf(stdout, "  PostgreSQL ceiling %.0f commits/s; %.2f commits per transaction (%d xact_commit, read-only ones included; %.2f transaction-row writes per transaction); ratio %.3f\n",
 		res.PgCommitsPerSec, res.CommitsPerTxn, res.XactCommits, res.TxRowWritesPerTxn, res.Ratio)
 	fmt.Fprintf(stdout, "  machine: %d checkpoints during the phase (whole server), load average %.2f\n", res.Checkpoints, res.LoadAvg1m)

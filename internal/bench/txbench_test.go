@@ -29,7 +29,7 @@ func requireTxResult(t *testing.T, db, out, benchName string, branches, particip
 	t.Helper()
 	res := lastJSON(t, out)
 	requirePositive(t, res, "txns_per_sec", "p50_ms", "p99_ms", "pg_commits_per_sec", "commits_per_txn",
-		"ratio", "txns", "xact_commits", "tx_row_writes_per_txn")
+		"ratio", "txns", "xact_commits", "tx_row_writes_per_txn", "window_txns_per_sec")
 	require.Equal(t, benchName, res["bench"])
 	require.Equal(t, 0.0, res["failed"])
 	require.Equal(t, branches, res["branches"])
