@@ -102,7 +102,11 @@ func (b *bundle) submitWait(t *testing.T, gid string, steps ...*treatyv1.SagaSte
 	})
 	require.NoError(t, err)
 	require.True(t, isTerminal(res.Transaction.Status), "saga %s not terminal: %v", gid, res.Transaction.Status)
-	return res.Transaction
+	// The waited-for answer carries no history; the durable record, read back, does.
+	got, err := b.client.GetTransaction(context.Background(), &treatyv1.GetTransactionRequest{Gid: res.Transaction.Gid})
+	require.NoError(t, err)
+	require.Equal(t, res.Transaction.Status, got.Transaction.Status, "the answer and the record agree")
+	return got.Transaction
 }
 
 func isTerminal(s treatyv1.Status) bool {

@@ -35,7 +35,9 @@ func submit2PC(t *testing.T, c treatyv1.CoordinatorClient, p *testparticipant.Pa
 	}
 	res, err := c.Submit2PC(context.Background(), &treatyv1.Submit2PCRequest{Gid: gid, Branches: bs, Wait: durationpb.New(15 * time.Second)})
 	require.NoError(t, err)
-	return res.Transaction
+	got, err := c.GetTransaction(context.Background(), &treatyv1.GetTransactionRequest{Gid: res.Transaction.Gid})
+	require.NoError(t, err)
+	return got.Transaction
 }
 
 func TestTwoPhaseCommitsWhenAllPrepare(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/internal/tracing"
@@ -45,6 +46,9 @@ type driver struct {
 	parent trace.SpanContext
 	span   trace.Span
 	spanCx context.Context
+	// row is the transaction row as last read (created or claimed); with the machine's state it
+	// makes the final view handed to local waiters without reading the database again.
+	row store.Transaction
 }
 
 type callResult struct {
@@ -107,7 +111,11 @@ func (d *driver) run() {
 		}
 		d.span.End()
 		d.cancel()
-		d.e.unregister(d, terminal)
+		var final *treatyv1.Transaction
+		if terminal {
+			final = d.finalView()
+		}
+		d.e.unregister(d, final)
 	}()
 	stopCh := d.e.stopCh
 	stopping := false
@@ -209,6 +217,16 @@ func (d *driver) run() {
 		}
 		timer.Stop()
 	}
+}
+
+// finalView is the finished transaction as just recorded, without its history (which only the
+// database has in full).
+func (d *driver) finalView() *treatyv1.Transaction {
+	t := d.row
+	t.GID, t.Mode, t.Status, t.Reason = d.gid, d.mode, d.m.status(), d.m.reason()
+	t.UpdatedAt = time.Now()
+	t.NextAttemptAt, t.LeaseOwner, t.LeaseExpiresAt, t.Paused = time.Time{}, "", time.Time{}, false
+	return toProto(t, d.m.branches(), nil)
 }
 
 // ensureLease makes sure the lease outlives every call about to be made; it renews synchronously

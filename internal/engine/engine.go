@@ -23,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
 )
@@ -170,7 +171,7 @@ type Engine struct {
 
 	mu       sync.Mutex
 	active   map[string]*driver
-	waiters  map[string][]chan struct{}
+	waiters  map[string][]chan *treatyv1.Transaction // told the final state when a local driver finishes
 	started  bool
 	stopping bool
 	stopCh   chan struct{} // closed when Stop begins: drivers stop dispatching
@@ -196,7 +197,7 @@ func New(cfg Config) (*Engine, error) {
 		log:     cfg.Logger.With("owner", cfg.Owner),
 		commits: make(chan *recordReq, 4096),
 		active:  make(map[string]*driver),
-		waiters: make(map[string][]chan struct{}),
+		waiters: make(map[string][]chan *treatyv1.Transaction),
 		stopCh:  make(chan struct{}),
 	}, nil
 }
@@ -301,25 +302,28 @@ func (e *Engine) register(d *driver) bool {
 	return true
 }
 
-func (e *Engine) unregister(d *driver, terminal bool) {
+func (e *Engine) unregister(d *driver, final *treatyv1.Transaction) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.active[d.gid] == d {
 		delete(e.active, d.gid)
 	}
-	if terminal {
-		for _, ch := range e.waiters[d.gid] {
-			close(ch)
+	// Wake every waiter: with the final state when finished, empty-handed when the driver
+	// stopped for another reason (they then read the database).
+	for _, ch := range e.waiters[d.gid] {
+		if final != nil {
+			ch <- final // buffered: never blocks
 		}
-		delete(e.waiters, d.gid)
+		close(ch)
 	}
+	delete(e.waiters, d.gid)
 	e.drivers.Done()
 }
 
 // watch returns a channel closed when this replica sees gid become terminal, and a func to
 // stop watching.
-func (e *Engine) watch(gid string) (<-chan struct{}, func()) {
-	ch := make(chan struct{})
+func (e *Engine) watch(gid string) (<-chan *treatyv1.Transaction, func()) {
+	ch := make(chan *treatyv1.Transaction, 1)
 	e.mu.Lock()
 	e.waiters[gid] = append(e.waiters[gid], ch)
 	e.mu.Unlock()

@@ -74,6 +74,7 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	e.cfg.CrashPoint(CrashAfterCreate)
 	m := newSagaMachine(plan, res.Transaction.Deadline, e.cfg.OperatorThreshold, saga.New(saga.Spec{Steps: plan.policy}))
 	d := e.newDriver(gid, "saga", 1, m, sent.Add(e.cfg.Lease))
+	d.row = res.Transaction
 	d.parent = trace.SpanContextFromContext(ctx)
 	if !e.start(d) {
 		// Stopping: the lease expires (or recovery elsewhere claims it); nothing is lost.
@@ -119,6 +120,36 @@ func (e *Engine) Wait(ctx context.Context, gid string, timeout time.Duration) (*
 		case <-ctx.Done():
 		}
 	}
+	return e.waitRead(ctx, gid, done)
+}
+
+// WaitOutcome is Wait for a caller that needs the outcome, not the history: when this replica
+// drives the transaction, the answer comes from the driver's final state with no database read,
+// and without events (GetTransaction has them).
+func (e *Engine) WaitOutcome(ctx context.Context, gid string, timeout time.Duration) (*treatyv1.Transaction, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	done, unwatch := e.watch(gid)
+	defer unwatch()
+	e.mu.Lock()
+	_, local := e.active[gid]
+	e.mu.Unlock()
+	if local {
+		select {
+		case final, ok := <-done:
+			if ok && final != nil {
+				return final, true, nil
+			}
+			done = nil
+		case <-ctx.Done():
+		}
+	}
+	return e.waitRead(ctx, gid, done)
+}
+
+// waitRead polls the database until gid is terminal or ctx ends; done (when not nil) wakes it
+// early when a local driver finishes.
+func (e *Engine) waitRead(ctx context.Context, gid string, done <-chan *treatyv1.Transaction) (*treatyv1.Transaction, bool, error) {
 	poll := 20 * time.Millisecond
 	for {
 		tx, err := e.Get(context.WithoutCancel(ctx), gid)

@@ -232,12 +232,14 @@ func (c *Coordinator) StartWorkflow(ctx context.Context, req *treatyv1.StartWork
 	return &treatyv1.StartWorkflowResponse{Transaction: tx, Existing: res.Existing, Version: int32(version)}, nil
 }
 
-// transaction returns gid's state: at once, or once it is terminal or wait has passed.
+// transaction returns gid's state: at once, or once it is terminal or wait has passed. A waited-for
+// answer from the replica that drove the transaction carries no event history (GetTransaction
+// does): it costs no database read.
 func (c *Coordinator) transaction(ctx context.Context, gid string, wait time.Duration) (*treatyv1.Transaction, error) {
 	var tx *treatyv1.Transaction
 	var err error
 	if wait > 0 {
-		tx, _, err = c.Engine.Wait(ctx, gid, wait)
+		tx, _, err = c.Engine.WaitOutcome(ctx, gid, wait)
 	} else {
 		tx, err = c.Engine.Get(ctx, gid)
 	}

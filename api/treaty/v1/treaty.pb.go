@@ -477,7 +477,9 @@ type SubmitSagaRequest struct {
 	// Optional idempotency key; generated when empty. At most 128 bytes of [A-Za-z0-9._:-].
 	Gid  string    `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
 	Saga *SagaSpec `protobuf:"bytes,2,opt,name=saga,proto3" json:"saga,omitempty"`
-	// When set, the call returns once the saga is terminal or this much time has passed.
+	// When set, the call returns once the saga is terminal or this much time has passed. A
+	// transaction returned after waiting may come without its event history (call GetTransaction
+	// for it): the replica that drove it answers from memory, without reading the database.
 	Wait          *durationpb.Duration `protobuf:"bytes,3,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
