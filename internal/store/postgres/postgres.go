@@ -201,11 +201,13 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 const txColumns = `gid, mode, status, spec, spec_hash, coalesce(workflow_name, ''), coalesce(workflow_version, 0),
     reason, created_at, updated_at, deadline, next_attempt_at, coalesce(lease_owner, ''), lease_expires_at, epoch, paused`
 
-func scanTx(row pgx.Row) (store.Transaction, error) {
+// scanTxAnd scans a transaction row followed by extra columns.
+func scanTxAnd(row pgx.Row, extra ...any) (store.Transaction, error) {
 	var t store.Transaction
 	var next, lease *time.Time
-	err := row.Scan(&t.GID, &t.Mode, &t.Status, &t.Spec, &t.SpecHash, &t.WorkflowName, &t.WorkflowVersion,
-		&t.Reason, &t.CreatedAt, &t.UpdatedAt, &t.Deadline, &next, &t.LeaseOwner, &lease, &t.Epoch, &t.Paused)
+	dest := append([]any{&t.GID, &t.Mode, &t.Status, &t.Spec, &t.SpecHash, &t.WorkflowName, &t.WorkflowVersion,
+		&t.Reason, &t.CreatedAt, &t.UpdatedAt, &t.Deadline, &next, &t.LeaseOwner, &lease, &t.Epoch, &t.Paused}, extra...)
+	err := row.Scan(dest...)
 	if next != nil {
 		t.NextAttemptAt = *next
 	}
@@ -214,6 +216,8 @@ func scanTx(row pgx.Row) (store.Transaction, error) {
 	}
 	return t, err
 }
+
+func scanTx(row pgx.Row) (store.Transaction, error) { return scanTxAnd(row) }
 
 const branchesSQL = `SELECT gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, spec, updated_at
     FROM treaty_branches WHERE gid = ANY($1) ORDER BY gid, position, op`
@@ -639,7 +643,7 @@ func branchSpecs(bs []store.Branch) [][]byte {
 // wait for this insert to commit, or makes this one see their result.
 const registerSQL = `
 WITH t AS (
-    SELECT gid FROM treaty_transactions
+    SELECT ` + txColumns + ` FROM treaty_transactions
     WHERE gid = $1 AND status = ANY($2) AND lease_owner IS NULL AND deadline > now()
     FOR SHARE
 ), b AS (
@@ -657,7 +661,7 @@ WITH t AS (
     WHERE x.branch = '' OR x.branch IN (SELECT branch FROM b)
     ORDER BY x.n
 )
-SELECT count(*), coalesce((SELECT array_agg(DISTINCT branch) FROM b), '{}') FROM t`
+SELECT t.*, coalesce((SELECT array_agg(DISTINCT branch) FROM b), '{}') FROM t`
 
 // RegisterBranches implements store.Store.
 func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (store.RegisterResult, error) {
@@ -669,33 +673,51 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 		names[i], ops[i], status[i], rel[i] = b.Branch, b.Op, b.Status, int32(b.Position)
 	}
 	ek, eb, eo, ed := eventArrays(p.Events)
-	var open int
 	var inserted []string
-	if err := s.pool.QueryRow(ctx, registerSQL, p.GID, p.Statuses, names, ops, status, branchSpecs(p.Branches),
-		ek, eb, eo, ed, rel).Scan(&open, &inserted); err != nil {
+	row := s.pool.QueryRow(ctx, registerSQL, p.GID, p.Statuses, names, ops, status, branchSpecs(p.Branches),
+		ek, eb, eo, ed, rel)
+	t, err := scanTxAnd(row, &inserted)
+	if errors.Is(err, pgx.ErrNoRows) {
+		// Not open: say why with the stored row (or ErrNotFound).
+		cur, _, err := s.GetTransaction(ctx, p.GID)
+		if err != nil {
+			return store.RegisterResult{}, err
+		}
+		return store.RegisterResult{Transaction: cur, Existing: map[string][]byte{}}, nil
+	}
+	if err != nil {
 		return store.RegisterResult{}, fmt.Errorf("register branches of %q: %w", p.GID, err)
 	}
-	t, bs, err := s.GetTransaction(ctx, p.GID)
-	if err != nil {
-		return store.RegisterResult{}, err
-	}
-	res := store.RegisterResult{Open: open == 1, Transaction: t, Existing: map[string][]byte{}}
-	if !res.Open {
-		return res, nil
-	}
-	// Rows that were there before keep their spec; report it so the caller can compare.
+	res := store.RegisterResult{Open: true, Transaction: t, Existing: map[string][]byte{}}
+	// Rows that were there before keep their spec; report it so the caller can compare. Only
+	// a repeated registration pays for this read.
 	isNew := map[string]bool{}
 	for _, n := range inserted {
 		isNew[n] = true
 	}
-	for _, b := range bs {
-		for _, nb := range p.Branches {
-			if b.Branch == nb.Branch && b.Op == nb.Op && !isNew[b.Branch] {
-				res.Existing[b.Branch] = b.Spec
-			}
+	var old []string
+	for _, b := range p.Branches {
+		if !isNew[b.Branch] {
+			old = append(old, b.Branch)
 		}
 	}
-	return res, nil
+	if len(old) == 0 {
+		return res, nil
+	}
+	rows, err := s.pool.Query(ctx, `SELECT DISTINCT ON (branch) branch, spec FROM treaty_branches WHERE gid = $1 AND branch = ANY($2) ORDER BY branch, op`, p.GID, old)
+	if err != nil {
+		return store.RegisterResult{}, fmt.Errorf("register branches of %q: read existing: %w", p.GID, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var name string
+		var spec []byte
+		if err := rows.Scan(&name, &spec); err != nil {
+			return store.RegisterResult{}, fmt.Errorf("register branches of %q: read existing: %w", p.GID, err)
+		}
+		res.Existing[name] = spec
+	}
+	return res, rows.Err()
 }
 
 const transitionSQL = `
