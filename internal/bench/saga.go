@@ -273,7 +273,9 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		return a.Addr, nil
 	}
 	// stopCoord stops the in-process coordinator and waits until its backends are gone; with an
-	// external coordinator it pauses for PostgreSQL's periodic flush instead.
+	// external coordinator it pauses for PostgreSQL's periodic flush instead. datname is copied:
+	// an early return resets res before the deferred stop runs.
+	datname := res.Database
 	stopCoord := func() error {
 		if coord == nil {
 			log.Info("waiting for the coordinator's backends to publish their counters", "pause", cfg.StatsPause)
@@ -291,11 +293,16 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		if err := a.Stop(sctx); err != nil {
 			return fmt.Errorf("stop coordinator: %w", err)
 		}
-		return waitOtherClientsGone(ctx, stats, res.Database)
+		return waitOtherClientsGone(ctx, stats, datname)
 	}
 	defer func() {
+		// On the way out (an error or an interrupt) only stop: nothing reads the counters.
 		if coord != nil {
-			err = errors.Join(err, stopCoord())
+			sctx, cancel := context.WithTimeout(cleanupCtx, 30*time.Second)
+			defer cancel()
+			if serr := coord.Stop(sctx); serr != nil {
+				err = errors.Join(err, fmt.Errorf("stop coordinator: %w", serr))
+			}
 		}
 	}()
 	// phase runs the clients against the coordinator at addr for d.
