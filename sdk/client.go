@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -41,9 +42,10 @@ type Options struct {
 	Token string
 	// CallTimeout bounds one RPC to the coordinator (not the transaction); default 10s.
 	CallTimeout time.Duration
-	// Retries is how often an RPC that failed with UNAVAILABLE (a coordinator restarting or
-	// unreachable) is retried, with backoff; default 4. Every RPC the SDK makes is idempotent:
-	// it always sends a gid.
+	// Retries is how often an RPC is retried that failed with UNAVAILABLE (a coordinator
+	// restarting or unreachable; with backoff) or with RESOURCE_EXHAUSTED carrying a retry delay
+	// (rate limited, replica full; after that delay); default 4. Every RPC the SDK makes is
+	// idempotent: it always sends a gid. Negative: never retry.
 	Retries int
 	// DialOptions are appended to the SDK's own (credentials, codecs).
 	DialOptions []grpc.DialOption
@@ -71,8 +73,11 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	if opts.CallTimeout <= 0 {
 		opts.CallTimeout = 10 * time.Second
 	}
-	if opts.Retries <= 0 {
+	switch {
+	case opts.Retries == 0:
 		opts.Retries = 4
+	case opts.Retries < 0:
+		opts.Retries = 0 // never retry
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -128,17 +133,37 @@ func rpc[T any](ctx context.Context, c *Client, name string, extra time.Duration
 		if err == nil {
 			return res, nil
 		}
-		if status.Code(err) != codes.Unavailable || attempt >= c.opts.Retries || ctx.Err() != nil {
+		wait, retry := retryAfter(err, backoff)
+		if !retry || attempt >= c.opts.Retries || ctx.Err() != nil {
 			return zero, fromStatus(name, err)
 		}
-		c.log.Warn("sdk: coordinator unavailable; retrying", "rpc", name, "attempt", attempt+1, "err", err)
+		c.log.Warn("sdk: coordinator busy or unavailable; retrying", "rpc", name, "attempt", attempt+1, "after", wait, "err", err)
 		select {
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		case <-ctx.Done():
 			return zero, fromStatus(name, ctx.Err())
 		}
 		backoff = min(backoff*2, 2*time.Second)
 	}
+}
+
+// retryAfter says whether a failed call is worth repeating, and after how long: UNAVAILABLE (a
+// coordinator restarting or out of reach) after the backoff, RESOURCE_EXHAUSTED when the
+// coordinator said when to retry (a rate limit, a full replica) after that delay, capped at 10s.
+// Other errors, including a request that is too large, are final.
+func retryAfter(err error, backoff time.Duration) (time.Duration, bool) {
+	st := status.Convert(err)
+	switch st.Code() {
+	case codes.Unavailable:
+		return backoff, true
+	case codes.ResourceExhausted:
+		for _, d := range st.Details() {
+			if ri, ok := d.(*errdetails.RetryInfo); ok && ri.RetryDelay != nil {
+				return min(max(ri.RetryDelay.AsDuration(), 10*time.Millisecond), 10*time.Second), true
+			}
+		}
+	}
+	return 0, false
 }
 
 // NewGID returns a fresh, time-ordered gid (UUIDv7).

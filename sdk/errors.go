@@ -25,6 +25,9 @@ var (
 	ErrFailedPrecondition = errors.New("failed precondition")
 	// ErrUnavailable: the coordinator could not be reached, after retries.
 	ErrUnavailable = errors.New("coordinator unavailable")
+	// ErrResourceExhausted: the coordinator refused for now (rate limit, a replica at capacity,
+	// or a request over the size limit), after retries where it said when to retry.
+	ErrResourceExhausted = errors.New("coordinator refused: resource exhausted")
 	// ErrTimeout: waiting for a transaction ended before it was terminal.
 	ErrTimeout = errors.New("timed out waiting")
 
@@ -57,6 +60,7 @@ var codeErrors = map[codes.Code]error{
 	codes.NotFound:           ErrNotFound,
 	codes.FailedPrecondition: ErrFailedPrecondition,
 	codes.Unavailable:        ErrUnavailable,
+	codes.ResourceExhausted:  ErrResourceExhausted,
 }
 
 func fromStatus(rpc string, err error) error {
