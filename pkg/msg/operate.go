@@ -46,7 +46,7 @@ func Operate(spec Spec, s State, op saga.Operation) (State, []Event, error) {
 		if s.Phase != PhaseNeedsOperator {
 			return deny("the message is %s; only one waiting for an operator can be resumed", s.Phase)
 		}
-		s.Phase = s.direction()
+		s.Phase, s.Reason = s.direction(), saga.ReasonBeforeOperator(s.Reason)
 		saga.FreshAttempts(spec.OperatorThreshold, all()...)
 		return s, []Event{saga.OperatorEvent(op, "", "")}, nil
 	case saga.ActionResolve:

@@ -3,6 +3,7 @@ package saga
 import (
 	"errors"
 	"fmt"
+	"regexp"
 	"time"
 )
 
@@ -75,6 +76,16 @@ func operatorEvent(op Operation, step string, bop Op) Event {
 	return Event{Kind: "operator_" + string(op.Action), Step: step, Op: bop, Detail: fmt.Sprintf("by %s: %s", op.Actor, op.Reason)}
 }
 
+// operatorPrefix matches what the machines put before the reason when they stop for an operator.
+var operatorPrefix = regexp.MustCompile(`^(a [a-z_]+|query-prepared) failed \d+ times(: )?`)
+
+// ReasonBeforeOperator removes the "a compensation failed N times: " that a machine put before
+// its reason when it stopped for an operator, so a resumed transaction shows why it turned back,
+// not why it once stopped.
+func ReasonBeforeOperator(reason string) string {
+	return operatorPrefix.ReplaceAllString(reason, "")
+}
+
 // OperatorEvent is the history entry of an accepted operator action.
 func OperatorEvent(op Operation, branch string, bop Op) Event { return operatorEvent(op, branch, bop) }
 
@@ -117,6 +128,7 @@ func Operate(spec Spec, s State, op Operation) (State, []Event, error) {
 		}
 		FreshAttempts(spec.OperatorThreshold, bs...)
 		s.Phase = PhaseCompensating
+		s.Reason = ReasonBeforeOperator(s.Reason)
 		return s, []Event{operatorEvent(op, "", "")}, nil
 	case ActionResolve:
 		if op.Step < 0 || op.Step >= len(s.Steps) {
@@ -141,6 +153,7 @@ func Operate(spec Spec, s State, op Operation) (State, []Event, error) {
 		}
 		if s.Phase == PhaseNeedsOperator {
 			s.Phase = PhaseCompensating
+			s.Reason = ReasonBeforeOperator(s.Reason)
 		}
 		return s, []Event{operatorEvent(op, spec.Steps[op.Step].Name, op.Op)}, nil
 	}

@@ -44,7 +44,7 @@ func Operate(spec Spec, s State, op saga.Operation) (State, []Event, error) {
 		if s.Phase != PhaseNeedsOperator {
 			return deny("the transaction is %s; only one waiting for an operator can be resumed", s.Phase)
 		}
-		s.Phase = s.direction()
+		s.Phase, s.Reason = s.direction(), saga.ReasonBeforeOperator(s.Reason)
 		saga.FreshAttempts(spec.OperatorThreshold, append(ops(OpConfirm), ops(OpCancel)...)...)
 		return s, []Event{saga.OperatorEvent(op, "", "")}, nil
 	case saga.ActionResolve:
