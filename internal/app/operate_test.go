@@ -183,3 +183,19 @@ func TestOperatorRollsBackWaitingTCC(t *testing.T) {
 	_, err = operate(b, engine.Operation{GID: "nope", Action: engine.ActionRetry, Reason: "x"})
 	require.ErrorIs(t, err, engine.ErrNotFound)
 }
+
+// An operator action refused on a TCC still waiting for its initiator hands it back free: the
+// initiator can still register branches and commit.
+func TestRefusedActionLeavesWaitingTCCToItsInitiator(t *testing.T) {
+	t.Parallel()
+	b := setup(t, setupOpts{})
+	b.beginTCC(t, "op-tcc-open", time.Hour, "flight")
+	_, err := operate(b, engine.Operation{GID: "op-tcc-open", Action: engine.ActionRetry, Reason: "poke"})
+	require.ErrorIs(t, err, engine.ErrConflict)
+	_, err = b.client.RegisterTCCBranch(context.Background(), &treatyv1.RegisterTCCBranchRequest{Gid: "op-tcc-open", Branch: b.tccBranch("hotel")})
+	require.NoError(t, err, "the refused action must not have left the transaction held")
+	res, err := b.client.CommitTCC(context.Background(), &treatyv1.CommitTCCRequest{Gid: "op-tcc-open", Wait: durationpb.New(10 * time.Second)})
+	require.NoError(t, err)
+	require.Equal(t, "confirmed", res.Transaction.Phase)
+	require.ElementsMatch(t, []string{"confirm:flight", "confirm:hotel"}, ops(b.part, "op-tcc-open"))
+}

@@ -64,6 +64,19 @@ func (e *Engine) commitLoop(ctx context.Context) {
 		}
 		e.cfg.Observer.GroupCommit(len(params))
 		res, err := e.cfg.Store.Record(ctx, params)
+		if err != nil && len(batch) > 1 && ctx.Err() == nil {
+			// The batch is one transaction: one bad write fails them all. Write them one by
+			// one so that only the bad one fails (and its driver retries or gives up alone).
+			for _, r := range batch {
+				one, err := e.cfg.Store.Record(ctx, []store.RecordParams{r.p})
+				if err != nil {
+					r.done <- recordResp{err: err}
+					continue
+				}
+				r.done <- recordResp{res: one[0]}
+			}
+			continue
+		}
 		for i, r := range batch {
 			if err != nil {
 				r.done <- recordResp{err: err}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -49,7 +50,14 @@ type driver struct {
 	// row is the transaction row as last read (created or claimed); with the machine's state it
 	// makes the final view handed to local waiters without reading the database again.
 	row store.Transaction
+	// lastWrite is when this driver last recorded anything; wroteOnce whether it has.
+	lastWrite time.Time
+	wroteOnce bool
 }
+
+// heartbeat is how long a driver goes without writing before it writes anyway; well below any
+// sensible --stuck-after.
+const heartbeat = time.Minute
 
 type callResult struct {
 	d   dispatch
@@ -66,6 +74,7 @@ func (e *Engine) newDriver(gid, mode string, epoch int64, m machine, leaseUntil 
 		leaseUntil: leaseUntil,
 		results:    make(chan callResult, len(bs)+1),
 		ops:        make(chan opRequest),
+		lastWrite:  time.Now(), // it was just created or claimed: a write
 	}
 	d.ctx, d.cancelCause = context.WithCancelCause(e.baseCtx)
 	d.cancel = func() { d.cancelCause(context.Canceled) }
@@ -133,7 +142,11 @@ func (d *driver) run() {
 		}
 		// Results and decisions (turning back, finishing) are durable before anything depends
 		// on them: before the next call and before a caller is told. One write carries them all.
-		if len(pending) > 0 {
+		// A driver that has written nothing for a while (calls refused by an open breaker are
+		// not recorded) writes anyway: a live driver looks alive to the stuck-transaction job,
+		// a hung one does not. A finished state is always written, even with nothing new, so
+		// that a claim of a finished row ends with nothing due.
+		if len(pending) > 0 || (d.m.terminal() && !d.wroteOnce) || time.Since(d.lastWrite) > heartbeat {
 			if !d.persist(pending) {
 				return
 			}
@@ -324,8 +337,13 @@ func (d *driver) persist(events []store.Event) bool {
 	now := d.m.branches()
 	for i, b := range now {
 		if i >= len(d.persisted) || !sameBranch(b, d.persisted[i]) {
+			b.LastError = storable(b.LastError)
 			p.Branches = append(p.Branches, b)
 		}
+	}
+	p.Reason = storable(p.Reason)
+	for i := range p.Events {
+		p.Events[i].Detail = storable(p.Events[i].Detail)
 	}
 	backoff := 50 * time.Millisecond
 	for {
@@ -338,6 +356,7 @@ func (d *driver) persist(events []store.Event) bool {
 			}
 			d.extendLease(sent, d.e.cfg.Lease)
 			d.persisted = now
+			d.lastWrite, d.wroteOnce = time.Now(), true
 			return true
 		}
 		if d.ctx.Err() != nil {
@@ -365,6 +384,19 @@ func (d *driver) release() {
 	if err := d.e.cfg.Store.ReleaseLeases(ctx, d.e.cfg.Owner, []store.Release{rel}); err != nil {
 		d.log().Warn("could not release lease at shutdown; it will expire", "err", err)
 	}
+}
+
+// maxStoredText bounds error messages and details kept in the history.
+const maxStoredText = 2000
+
+// storable makes participant-supplied text safe to store: valid UTF-8 without NUL bytes (which
+// PostgreSQL's text refuses, failing the whole group commit) and bounded in length.
+func storable(s string) string {
+	s = strings.ToValidUTF8(strings.ReplaceAll(s, "\x00", ""), "\uFFFD")
+	if len(s) > maxStoredText {
+		s = strings.ToValidUTF8(s[:maxStoredText], "") + "..."
+	}
+	return s
 }
 
 var errLeaseLost = errors.New("lease lost")

@@ -112,7 +112,7 @@ func (e *Engine) jobsLoop(ctx context.Context) {
 func (e *Engine) RunJobs(ctx context.Context) {
 	c := e.cfg.Jobs
 	start := time.Now()
-	r, err := e.cfg.Store.Reconcile(ctx, store.ReconcileParams{StuckAfter: c.StuckAfter, Grace: time.Minute, Limit: 100})
+	r, err := e.cfg.Store.Reconcile(ctx, store.ReconcileParams{StuckAfter: c.StuckAfter, Grace: time.Minute, Limit: 100, HandOver: e.cfg.Lease})
 	took := time.Since(start)
 	if err != nil {
 		for _, n := range []string{JobStuck, JobExpiredTCC, JobInDoubt2PC} {

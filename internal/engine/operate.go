@@ -144,8 +144,15 @@ func (e *Engine) operateIdle(ctx context.Context, op Operation) error {
 	if d.m.terminal() || d.paused {
 		return nil
 	}
+	if st := d.m.status(); st == "trying" || st == "prepared" {
+		// Still waiting for its initiator: hand it back (due at its deadline), free for the
+		// initiator to register branches, commit or submit.
+		d.release()
+		return nil
+	}
 	// Drive it here at once, from the state just recorded.
 	nd := e.newDriver(d.gid, d.mode, d.epoch, d.m, d.leaseUntil)
+	nd.row = d.row
 	if !e.start(nd) {
 		d.release()
 	}

@@ -112,7 +112,9 @@ func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) 
 	default:
 		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
 	}
-	return e.newDriver(t.GID, t.Mode, t.Epoch, m, leaseUntil), nil
+	d := e.newDriver(t.GID, t.Mode, t.Epoch, m, leaseUntil)
+	d.row = t
+	return d, nil
 }
 
 func sagaStateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) saga.State {

@@ -217,6 +217,9 @@ func (e *Engine) DecideTCC(ctx context.Context, gid string, commit bool, reason 
 		}
 		// Deciding the same way twice is fine; the other way is refused, saying why.
 		state := tcc.State{Phase: tcc.Phase(t.Status), Reason: t.Reason}
+		if t.Paused {
+			return fmt.Errorf("gid %q: an operator paused the transaction; unpause it first: %w", gid, ErrFailedPrecondition)
+		}
 		if state.Phase == tcc.PhaseTrying {
 			return fmt.Errorf("gid %q: cannot decide: the transaction is past its timeout and being cancelled: %w", gid, ErrFailedPrecondition)
 		}

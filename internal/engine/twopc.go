@@ -133,6 +133,7 @@ func (e *Engine) SubmitTwoPhase(ctx context.Context, req *treatyv1.Submit2PCRequ
 	e.cfg.CrashPoint(CrashAfterCreate)
 	m := newTwopcMachine(plan, res.Transaction.Deadline, e.cfg.OperatorThreshold, twopc.New(twopcSpec(plan, time.Time{}, 0)))
 	d := e.newDriver(gid, "2pc", 1, m, sent.Add(e.cfg.Lease))
+	d.row = res.Transaction
 	d.parent = trace.SpanContextFromContext(ctx)
 	if !e.start(d) {
 		_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: gid, Epoch: 1}})

@@ -257,6 +257,10 @@ type ReconcileParams struct {
 	Grace time.Duration
 	// Limit bounds how many gids each finding lists.
 	Limit int
+	// HandOver bounds how long the old owner of a re-driven transaction keeps its lease: enough
+	// for it to notice (its next renewal fails on the new epoch) and stop calling participants
+	// before recovery claims the transaction. The engine passes its lease.
+	HandOver time.Duration
 }
 
 // ReconcileReport is what a pass found. Stuck transactions it also re-drove: made due now, so

@@ -134,8 +134,9 @@ WITH t AS (
         status = $3,
         reason = $4,
         updated_at = now(),
-        next_attempt_at = CASE WHEN $5 THEN NULL ELSE now() + $6::interval END,
-        lease_expires_at = CASE WHEN $5 THEN NULL ELSE now() + $6::interval END,
+        -- Never shorten a lease: a driver may hold a longer one for a long call.
+        next_attempt_at = CASE WHEN $5 THEN NULL ELSE greatest(lease_expires_at, now() + $6::interval) END,
+        lease_expires_at = CASE WHEN $5 THEN NULL ELSE greatest(lease_expires_at, now() + $6::interval) END,
         lease_owner = CASE WHEN $5 THEN NULL ELSE lease_owner END,
         paused = $19
     WHERE gid = $1 AND epoch = $2
@@ -352,8 +353,8 @@ WITH locked AS MATERIALIZED (
     FOR UPDATE OF t
 )
 UPDATE treaty_transactions t SET
-    lease_expires_at = now() + $2::interval,
-    next_attempt_at = now() + $2::interval
+    lease_expires_at = greatest(t.lease_expires_at, now() + $2::interval),
+    next_attempt_at = greatest(t.lease_expires_at, now() + $2::interval)
 FROM locked
 WHERE t.gid = locked.gid
 RETURNING t.gid, t.lease_expires_at`
@@ -390,7 +391,10 @@ const releaseSQL = `
 UPDATE treaty_transactions t SET
     lease_owner = NULL,
     lease_expires_at = NULL,
-    next_attempt_at = greatest(now(), coalesce(x.next_at, now())),
+    -- A transaction waiting for its initiator (TCC trying, message prepared) must stay free
+    -- for it until its deadline; anything else is due at its next retry.
+    next_attempt_at = CASE WHEN t.status IN ('trying', 'prepared') THEN greatest(now(), t.deadline)
+                           ELSE greatest(now(), coalesce(x.next_at, now())) END,
     updated_at = now()
 FROM unnest($2::text[], $3::bigint[], $4::timestamptz[]) AS x(gid, epoch, next_at)
 WHERE t.gid = x.gid AND t.epoch = x.epoch AND t.lease_owner = $1 AND t.next_attempt_at IS NOT NULL`
@@ -726,7 +730,7 @@ WITH t AS (
         status = $3, reason = CASE WHEN $4 = '' THEN reason ELSE $4 END,
         lease_owner = $5, lease_expires_at = now() + $6::interval,
         next_attempt_at = now() + $6::interval, epoch = epoch + 1, updated_at = now()
-    WHERE gid = $1 AND status = ANY($2) AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+    WHERE gid = $1 AND status = ANY($2) AND NOT paused AND (lease_expires_at IS NULL OR lease_expires_at <= now())
     RETURNING ` + txColumns + `
 ), e AS (
     INSERT INTO treaty_events (gid, kind, branch, op, detail)

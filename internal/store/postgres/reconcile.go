@@ -16,12 +16,13 @@ const stuckWhere = `t.next_attempt_at IS NOT NULL AND NOT t.paused AND t.updated
   AND NOT (t.status IN ('trying', 'prepared') AND t.deadline > now())
   AND NOT EXISTS (SELECT 1 FROM treaty_branches b WHERE b.gid = t.gid AND b.next_attempt_at > now())`
 
-// redriveSQL takes stuck transactions away from whoever holds them (a new epoch fences the old
-// owner out), makes them due now, and records why.
+// redriveSQL takes stuck transactions away from whoever holds them: a new epoch fences the old
+// owner out (its next write or renewal fails), and recovery claims them as soon as the old lease
+// has run out, so the two never call participants at the same time. It records why.
 const redriveSQL = `
 WITH s AS (
-    UPDATE treaty_transactions SET next_attempt_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-        epoch = epoch + 1, updated_at = now()
+    UPDATE treaty_transactions SET next_attempt_at = now(), epoch = epoch + 1, updated_at = now(),
+        lease_expires_at = least(lease_expires_at, now() + $4::interval)
     WHERE gid IN (
         SELECT t.gid FROM treaty_transactions t WHERE ` + stuckWhere + `
         ORDER BY t.updated_at LIMIT $2
@@ -67,7 +68,7 @@ func (s *Store) Reconcile(ctx context.Context, p store.ReconcileParams) (store.R
 		return r, fmt.Errorf("reconcile: count: %w", err)
 	}
 	var err error
-	if r.Stuck, err = s.gids(ctx, redriveSQL, p.StuckAfter, p.Limit, p.StuckAfter.String()); err != nil {
+	if r.Stuck, err = s.gids(ctx, redriveSQL, p.StuckAfter, p.Limit, p.StuckAfter.String(), p.HandOver); err != nil {
 		return r, fmt.Errorf("reconcile: re-drive stuck: %w", err)
 	}
 	if r.ExpiredTCC, err = s.gids(ctx, findSQL, "tcc", "trying", p.Grace, p.Limit); err != nil {

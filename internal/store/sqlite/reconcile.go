@@ -43,10 +43,11 @@ FROM treaty_transactions t WHERE next_attempt_at IS NOT NULL`, stuckBefore, grac
 		}
 		var err error
 		r.Stuck, err = queryGIDs(ctx, tx, `UPDATE treaty_transactions SET next_attempt_at = ?3,
-    lease_owner = NULL, lease_expires_at = NULL, epoch = epoch + 1, updated_at = ?3
+    lease_expires_at = CASE WHEN lease_expires_at IS NULL THEN NULL ELSE min(lease_expires_at, ?5) END,
+    epoch = epoch + 1, updated_at = ?3
 WHERE gid IN (SELECT t.gid FROM treaty_transactions t WHERE `+stuck+`
     ORDER BY t.updated_at LIMIT ?4)
-RETURNING gid`, stuckBefore, nil, micros(at), p.Limit)
+RETURNING gid`, stuckBefore, nil, micros(at), p.Limit, micros(at.Add(p.HandOver)))
 		if err != nil {
 			return fmt.Errorf("reconcile: re-drive stuck: %w", err)
 		}

@@ -352,10 +352,14 @@ func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (st
 	return res, nil
 }
 
+// recordSQL never shortens a lease: a driver may hold a longer one for a long call.
 const recordSQL = `UPDATE treaty_transactions SET
-    status = ?, reason = ?, updated_at = ?, next_attempt_at = ?, lease_expires_at = ?,
-    lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, paused = ?
-WHERE gid = ? AND epoch = ?`
+    status = ?1, reason = ?2, updated_at = ?3,
+    next_attempt_at = CASE WHEN ?4 IS NULL THEN NULL ELSE max(coalesce(lease_expires_at, ?4), ?4) END,
+    lease_expires_at = CASE WHEN ?4 IS NULL THEN NULL ELSE max(coalesce(lease_expires_at, ?4), ?4) END,
+    lease_owner = CASE WHEN ?5 THEN NULL ELSE lease_owner END, paused = ?6
+WHERE gid = ?7 AND epoch = ?8
+RETURNING lease_expires_at`
 
 const upsertBranchSQL = `INSERT INTO treaty_branches
     (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, updated_at)
@@ -377,21 +381,16 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 			if !p.Terminal {
 				next = micros(at.Add(p.Lease))
 			}
-			r, err := tx.ExecContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, next, p.Terminal, boolInt(p.Paused), p.GID, p.Epoch)
-			if err != nil {
-				return fmt.Errorf("record %q: %w", p.GID, err)
-			}
-			n, err := r.RowsAffected()
-			if err != nil {
-				return fmt.Errorf("record %q: %w", p.GID, err)
-			}
-			if n == 0 {
+			var exp sql.NullInt64
+			err := tx.QueryRowContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, p.Terminal, boolInt(p.Paused), p.GID, p.Epoch).Scan(&exp)
+			if errors.Is(err, sql.ErrNoRows) {
 				continue // ownership lost (or no such gid): nothing of this write is applied
 			}
-			out[i].Owned = true
-			if !p.Terminal {
-				out[i].LeaseExpiresAt = at.Add(p.Lease)
+			if err != nil {
+				return fmt.Errorf("record %q: %w", p.GID, err)
 			}
+			out[i].Owned = true
+			out[i].LeaseExpiresAt = fromNullMicros(exp)
 			for _, b := range p.Branches {
 				if _, err := tx.ExecContext(ctx, upsertBranchSQL, p.GID, b.Branch, b.Op, b.Position, b.Status, b.Attempts,
 					b.LastError, nullMicros(b.NextAttemptAt), boolInt(b.Uncertain), micros(at)); err != nil {
@@ -508,7 +507,8 @@ func (s *Store) ClaimDue(ctx context.Context, p store.ClaimParams) ([]store.Clai
 	return out, nil
 }
 
-const renewSQL = `UPDATE treaty_transactions SET lease_expires_at = ?1, next_attempt_at = ?1
+const renewSQL = `UPDATE treaty_transactions SET lease_expires_at = max(coalesce(lease_expires_at, ?1), ?1),
+    next_attempt_at = max(coalesce(lease_expires_at, ?1), ?1)
 WHERE gid = ?2 AND epoch = ?3 AND lease_owner = ?4 AND next_attempt_at IS NOT NULL`
 
 // RenewLeases implements store.Store.
@@ -540,7 +540,9 @@ func (s *Store) RenewLeases(ctx context.Context, p store.RenewParams) (store.Ren
 }
 
 const releaseSQL = `UPDATE treaty_transactions SET
-    lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = max(?1, coalesce(?2, ?1)), updated_at = ?1
+    lease_owner = NULL, lease_expires_at = NULL,
+    next_attempt_at = CASE WHEN status IN ('trying', 'prepared') THEN max(?1, deadline) ELSE max(?1, coalesce(?2, ?1)) END,
+    updated_at = ?1
 WHERE gid = ?3 AND epoch = ?4 AND lease_owner = ?5 AND next_attempt_at IS NOT NULL`
 
 // ReleaseLeases implements store.Store.
@@ -644,7 +646,7 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 const transitionSQL = `UPDATE treaty_transactions SET
     status = ?1, reason = CASE WHEN ?2 = '' THEN reason ELSE ?2 END,
     lease_owner = ?3, lease_expires_at = ?4, next_attempt_at = ?4, epoch = epoch + 1, updated_at = ?5
-WHERE gid = ?6 AND status IN (SELECT value FROM json_each(?7))
+WHERE gid = ?6 AND status IN (SELECT value FROM json_each(?7)) AND paused = 0
   AND (lease_expires_at IS NULL OR lease_expires_at <= ?5)
 RETURNING ` + txColumns
 

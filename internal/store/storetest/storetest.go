@@ -579,7 +579,13 @@ func testRecordTerminal(t *testing.T, s store.Store) {
 }
 
 func testRecordShortLease(t *testing.T, s store.Store) {
-	tx := create(t, s, params("record-short", "replica-a", longLease))
+	// A write never shortens a lease: the owner may hold a longer one for a long call.
+	long := create(t, s, params("record-keeps-long", "replica-a", longLease))
+	kept := record(t, s, store.RecordParams{GID: long.GID, Epoch: long.Epoch, Status: "running", Lease: shortLease})
+	require.True(t, kept[0].Owned)
+	require.False(t, kept[0].LeaseExpiresAt.Before(long.LeaseExpiresAt), "a shorter lease in a write must not cut the longer one")
+
+	tx := create(t, s, params("record-short", "replica-a", shortLease))
 	res := record(t, s, store.RecordParams{GID: tx.GID, Epoch: tx.Epoch, Status: "running", Lease: shortLease})
 	require.True(t, res[0].Owned)
 
