@@ -133,11 +133,16 @@ type SagaResult struct {
 	P99Ms  float64 `json:"p99_ms"`
 	MaxMs  float64 `json:"max_ms"`
 
+	// PrimedSagas ran, untimed, on the measured coordinator just before the phase (to open its
+	// connections); they count in CommitsPerSaga and TxRowWritesPerSaga, not in the rate.
+	PrimedSagas int64 `json:"primed_sagas"`
+
 	// PgCommitsPerSec is the ceiling: one-row autocommit INSERTs per second at Concurrency.
 	PgCommitsPerSec float64 `json:"pg_commits_per_sec"`
 	// CommitsPerSaga is the xact_commit delta of the coordinator's database over the measured
-	// phase divided by the sagas in it. It counts every transaction, read-only ones included, and
-	// a group commit that carries several sagas' writes counts once.
+	// phase divided by the sagas submitted in it (primed, succeeded and failed). It counts every
+	// transaction, read-only ones included, and a group commit that carries several sagas' writes
+	// counts once.
 	CommitsPerSaga float64 `json:"commits_per_saga"`
 	XactCommits    int64   `json:"xact_commits"`
 	// TxRowWritesPerSaga counts the statements that wrote a transaction row (create, and each
@@ -305,14 +310,13 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 			}
 		}
 	}()
-	// phase runs the clients against the coordinator at addr for d.
-	phase := func(addr string, d time.Duration) (clientRun, error) {
+	// dial connects the clients' one gRPC connection to the coordinator at addr.
+	dial := func(addr string) (treatyv1.CoordinatorClient, func(), error) {
 		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
-			return clientRun{}, fmt.Errorf("dial coordinator %s: %w", addr, err)
+			return nil, nil, fmt.Errorf("dial coordinator %s: %w", addr, err)
 		}
-		defer conn.Close()
-		return runSagaClients(ctx, treatyv1.NewCoordinatorClient(conn), spec, cfg.Concurrency, d)
+		return treatyv1.NewCoordinatorClient(conn), func() { _ = conn.Close() }, nil
 	}
 
 	addr, err := startCoord(true)
@@ -321,7 +325,13 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	}
 	if cfg.Warmup > 0 {
 		log.Info("warming up", "duration", cfg.Warmup, "coordinator", addr)
-		if _, err := phase(addr, cfg.Warmup); err != nil {
+		client, closeConn, err := dial(addr)
+		if err != nil {
+			return SagaResult{}, err
+		}
+		_, err = runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Warmup)
+		closeConn()
+		if err != nil {
 			return SagaResult{}, fmt.Errorf("warm-up: %w", err)
 		}
 	}
@@ -338,6 +348,20 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	}
 	if addr, err = startCoord(false); err != nil {
 		return SagaResult{}, err
+	}
+	client, closeConn, err := dial(addr)
+	if err != nil {
+		return SagaResult{}, err
+	}
+	defer closeConn()
+	// Prime the measured coordinator (its database pool and its connections to the participants
+	// open on demand) so the phase does not start with a stall. The primed sagas are not timed but
+	// count in the per-saga commits: the counters were read before they ran.
+	var primed clientRun
+	if cfg.Warmup > 0 && cfg.Coordinator == "" {
+		if primed, err = runSagaClients(ctx, client, spec, cfg.Concurrency, min(cfg.Warmup, 500*time.Millisecond)); err != nil {
+			return SagaResult{}, fmt.Errorf("prime the coordinator: %w", err)
+		}
 	}
 
 	if cfg.CPUProfile != "" {
@@ -362,7 +386,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		return SagaResult{}, err
 	}
 	log.Info("measuring", "duration", cfg.Duration, "steps", cfg.Steps, "concurrency", cfg.Concurrency, "coordinator", addr)
-	run, runErr := phase(addr, cfg.Duration)
+	run, runErr := runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Duration)
 	runtime.ReadMemStats(&ms1)
 	cpu1, _ := processCPU()
 	if cfg.CPUProfile != "" {
@@ -394,16 +418,17 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	}
 
 	res.Seconds = Round3(run.elapsed.Seconds())
-	res.Sagas, res.Failed = run.ok, run.failed
+	res.Sagas, res.Failed, res.PrimedSagas = run.ok, run.failed, primed.ok+primed.failed
 	res.GCCycles = ms1.NumGC - ms0.NumGC
 	res.XactCommits = after - before
 	if run.ok > 0 {
 		lat := Summarize(run.latencies)
 		res.SagasPerSec = Round3(float64(run.ok) / run.elapsed.Seconds())
 		res.MeanMs, res.P50Ms, res.P90Ms, res.P99Ms, res.MaxMs = Millis(lat.Mean), Millis(lat.P50), Millis(lat.P90), Millis(lat.P99), Millis(lat.Max)
-		// Failed sagas wrote too; divide by every saga submitted so the figure is not inflated.
-		res.CommitsPerSaga = Round3(float64(res.XactCommits) / float64(run.ok+run.failed))
-		res.TxRowWritesPerSaga = Round3(float64(writes1-writes0) / float64(run.ok+run.failed))
+		// Every saga submitted between the two readings wrote, failed and primed ones too.
+		submitted := float64(run.ok + run.failed + primed.ok + primed.failed)
+		res.CommitsPerSaga = Round3(float64(res.XactCommits) / submitted)
+		res.TxRowWritesPerSaga = Round3(float64(writes1-writes0) / submitted)
 		if cpuOK {
 			res.ProcessCPUCores = Round3((cpu1 - cpu0).Seconds() / run.elapsed.Seconds())
 			res.ProcessCPUMsSaga = Millis((cpu1 - cpu0) / time.Duration(run.ok))
