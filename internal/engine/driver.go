@@ -272,7 +272,7 @@ func (d *driver) call(c dispatch) {
 	timeout := min(c.timeout, d.leaseRemaining())
 	_, span := d.e.cfg.Tracer.Start(d.spanCx, "treaty.call "+c.op+" "+c.branch, trace.WithSpanKind(trace.SpanKindClient),
 		trace.WithAttributes(attribute.String("treaty.branch", c.branch), attribute.String("treaty.op", c.op),
-			attribute.String("treaty.target", targetLabel(c.target.target))))
+			attribute.String("treaty.target", c.target.label)))
 	defer span.End()
 	// The call is cancelled with the driver; it carries the call span's trace context.
 	callCtx := tracing.Inject(trace.ContextWithSpan(d.ctx, span))
@@ -294,20 +294,12 @@ func (d *driver) call(c dispatch) {
 	} else if label == "" {
 		label = "transient"
 	}
-	d.e.cfg.Observer.BranchCall(targetLabel(c.target.target), c.op, label, res.Duration)
+	d.e.cfg.Observer.BranchCall(c.target.label, c.op, label, res.Duration)
 	span.SetAttributes(attribute.String("treaty.outcome", label))
 	if label != "ok" && res.Err != nil {
 		span.SetStatus(codes.Error, res.Err.Error())
 	}
 	d.results <- callResult{d: c, res: res, at: d.e.cfg.Now()}
-}
-
-// targetLabel keeps a metric label's cardinality bounded: the endpoint and method, not payloads.
-func targetLabel(uri string) string {
-	if t, err := invoke.ParseTarget(uri); err == nil {
-		return t.Endpoint() + t.Method
-	}
-	return "invalid"
 }
 
 // outcomeLabel maps every mode's terminal phases onto the three outcomes.

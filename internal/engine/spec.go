@@ -77,6 +77,9 @@ type step struct {
 type call struct {
 	target  string
 	payload []byte
+	// label is the endpoint and method, parsed once here: metrics and spans name calls by it
+	// (bounded cardinality, no payloads) on every attempt.
+	label string
 }
 
 // sagaPlan is a validated saga: what the state machine needs plus what the engine calls.
@@ -181,13 +184,14 @@ func planCall(field string, c *treatyv1.Call, lim Limits) (call, error) {
 	if c == nil {
 		return call{}, invalid(field, "is required")
 	}
-	if _, err := invoke.ParseTarget(c.Target); err != nil {
+	t, err := invoke.ParseTarget(c.Target)
+	if err != nil {
 		return call{}, invalid(field+".target", "%v", err)
 	}
 	if len(c.Payload) > lim.MaxPayloadBytes {
 		return call{}, invalid(field+".payload", "is %s, limit %s", byteSize(len(c.Payload)), byteSize(lim.MaxPayloadBytes))
 	}
-	return call{target: c.Target, payload: c.Payload}, nil
+	return call{target: c.Target, payload: c.Payload, label: t.Endpoint() + t.Method}, nil
 }
 
 func byteSize(n int) string {
