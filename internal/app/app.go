@@ -64,10 +64,22 @@ type Config struct {
 	// ParticipantTLS, when set, chooses the transport of each participant endpoint; it becomes
 	// Invoke.TransportFor, which must then be nil.
 	ParticipantTLS *grpcauth.ParticipantTLS
+	// MaxRequestBytes bounds one encoded gRPC request, enforced by gRPC's receive limit before a
+	// handler runs (RESOURCE_EXHAUSTED naming both sizes); 0 means DefaultMaxRequestBytes, and
+	// more than MaxRequestBytesCeiling is refused at start.
+	MaxRequestBytes int
 	// Tracing exports OpenTelemetry spans (a span per driven transaction and per participant
 	// call) over OTLP; off by default. Engine.Tracer, when set, wins (tests record spans).
 	Tracing tracing.Config
 }
+
+// Request size limits. The default carries a saga of a few steps with payloads of up to the
+// default per-payload limit (1 MiB); the ceiling keeps one request well below the default memory
+// budget of a replica, whatever an operator sets.
+const (
+	DefaultMaxRequestBytes = 4 << 20
+	MaxRequestBytesCeiling = 256 << 20
+)
 
 // App is a running coordinator.
 type App struct {
@@ -145,6 +157,10 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	if gc.Registerer == nil {
 		gc.Registerer = a.Registry
 	}
+	maxRequest, err := requestLimit(cfg.MaxRequestBytes)
+	if err != nil {
+		return fail(err)
+	}
 	guard, err := grpcauth.New(gc)
 	if err != nil {
 		return fail(fmt.Errorf("gRPC security: %w", err))
@@ -170,16 +186,9 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		return fail(fmt.Errorf("listen %s: %w", cfg.Listen, err))
 	}
 	a.Addr = lis.Addr().String()
-	lim := ec.Limits
-	if lim.MaxSteps <= 0 {
-		lim.MaxSteps = engine.DefaultMaxSteps
-	}
-	if lim.MaxPayloadBytes <= 0 {
-		lim.MaxPayloadBytes = engine.DefaultMaxPayloadBytes
-	}
-	// A saga carries at most two payloads per step; leave room for the rest of the message.
-	// Larger requests fail RESOURCE_EXHAUSTED before they reach a handler.
-	a.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(lim.MaxSteps*2*lim.MaxPayloadBytes + 1<<20),
+	// Larger requests fail RESOURCE_EXHAUSTED in gRPC's transport, before a handler runs; the
+	// per-payload limit is checked besides, by the engine.
+	a.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(maxRequest),
 		grpc.ChainUnaryInterceptor(tracing.UnaryServerInterceptor)}, guard.ServerOptions()...)...)
 	treatyv1.RegisterCoordinatorServer(a.grpc, &server.Coordinator{Engine: a.Engine})
 	a.health = health.NewServer()
@@ -212,6 +221,17 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	a.log.Info("coordinator serving", "grpc", a.Addr, "http", a.HTTPAddr, "owner", a.Engine.Owner())
 	a.log.Info("gRPC API security", guard.Describe()...)
 	return a, nil
+}
+
+// requestLimit applies the default and the ceiling to a configured request size limit.
+func requestLimit(n int) (int, error) {
+	switch {
+	case n == 0:
+		return DefaultMaxRequestBytes, nil
+	case n < 0 || n > MaxRequestBytesCeiling:
+		return 0, fmt.Errorf("max request bytes %d: want 1..%d (%d MiB; 0 = default %d MiB)", n, MaxRequestBytesCeiling, MaxRequestBytesCeiling>>20, DefaultMaxRequestBytes>>20)
+	}
+	return n, nil
 }
 
 // Served is closed-over error channel: it yields when the gRPC server stops by itself.

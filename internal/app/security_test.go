@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -238,18 +239,19 @@ func TestGRPCRateLimit(t *testing.T) {
 
 func TestGRPCOversizedRequest(t *testing.T) {
 	t.Parallel()
-	// One step of at most 1 KiB per payload: the server accepts messages up to 2 KiB + 1 MiB.
+	// One step of at most 1 KiB per payload; requests up to the default 4 MiB.
 	a := startSecured(t, grpcauth.Config{}, nil, engine.Limits{MaxSteps: 1, MaxPayloadBytes: 1024})
 	conn := dialCoordinator(t, a.Addr, nil)
 	client := treatyv1.NewCoordinatorClient(conn)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
 
-	huge := make([]byte, 2<<20)
+	huge := make([]byte, 5<<20)
 	_, err := client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: "huge", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{{
 		Name: "s", Action: &treatyv1.Call{Target: "grpc://127.0.0.1:1/x.Y/Z", Payload: huge},
 	}}}})
 	require.Equal(t, codes.ResourceExhausted, status.Code(err), "%v", err)
+	require.Contains(t, status.Convert(err).Message(), fmt.Sprintf("vs. %d", app.DefaultMaxRequestBytes), "the error names the request limit")
 
 	// Within the message limit but over the payload limit: the engine names the limit.
 	_, err = client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: "big", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{{

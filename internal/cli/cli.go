@@ -145,6 +145,7 @@ type serveConfig struct {
 	traceRatio                                         float64
 	maxActive, threshold, maxPayload                   int
 	maxSteps, dbConns, claimBatch                      int
+	maxRequest                                         int
 	autoMigrate                                        bool
 }
 
@@ -163,6 +164,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.Int(&c.maxActive, "max-active", 10000, "transactions driven at once by this replica")
 	f.Int(&c.threshold, "operator-threshold", 10, "failed attempts of one compensation before a transaction needs an operator")
 	f.Int(&c.maxPayload, "max-payload-bytes", engine.DefaultMaxPayloadBytes, "largest payload of one action or compensation")
+	f.Int(&c.maxRequest, "max-request-bytes", app.DefaultMaxRequestBytes, fmt.Sprintf("largest encoded gRPC request, refused RESOURCE_EXHAUSTED before it reaches a handler (at most %d, which is %d MiB)", app.MaxRequestBytesCeiling, app.MaxRequestBytesCeiling>>20))
 	f.Int(&c.maxSteps, "max-steps", engine.DefaultMaxSteps, "most steps in one saga")
 	f.Int(&c.dbConns, "db-max-conns", 16, "PostgreSQL connection pool size")
 	f.Duration(&c.shutdown, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long to let in-flight calls finish before handing work back")
@@ -199,7 +201,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	}
 	a, err := app.Start(ctx, app.Config{
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
-		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS,
+		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS, MaxRequestBytes: c.maxRequest,
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
 			MaxActive: c.maxActive, OperatorThreshold: c.threshold,

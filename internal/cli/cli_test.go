@@ -105,6 +105,7 @@ var serveFlags = []flagDoc{
 	{"operator-threshold", "TREATY_OPERATOR_THRESHOLD", "10"},
 	{"max-payload-bytes", "TREATY_MAX_PAYLOAD_BYTES", ""}, // default checked below: it is engine's
 	{"max-steps", "TREATY_MAX_STEPS", ""},
+	{"max-request-bytes", "TREATY_MAX_REQUEST_BYTES", "4194304"},
 	{"db-max-conns", "TREATY_DB_MAX_CONNS", "16"},
 	{"shutdown-timeout", "TREATY_SHUTDOWN_TIMEOUT", "30s"},
 	{"log-format", "TREATY_LOG_FORMAT", "text"},

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
@@ -136,9 +137,27 @@ func (g *Guard) ServerOptions() []grpc.ServerOption {
 	if g.tls != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(g.tls)))
 	}
-	// The interceptors go in even when they refuse nothing, so that handlers always find the
-	// caller's Identity.
-	return append(opts, grpc.ChainUnaryInterceptor(g.UnaryInterceptor), grpc.ChainStreamInterceptor(g.StreamInterceptor))
+	// The tap handle refuses before the request message is read; the interceptors go in too,
+	// so that a server built without the tap (or a call the tap did not see) is still guarded
+	// and handlers always find the caller's Identity.
+	return append(opts, grpc.InTapHandle(g.TapHandle),
+		grpc.ChainUnaryInterceptor(g.UnaryInterceptor), grpc.ChainStreamInterceptor(g.StreamInterceptor))
+}
+
+// TapHandle authenticates and rate-limits a call from its headers alone, in the transport, before
+// a byte of its message is read or buffered: a refused call costs about its headers whatever the
+// size of its body, and the refusal (with its RetryInfo) is sent at once while the stream is
+// reset. It is installed with grpc.InTapHandle by ServerOptions. It runs on the connection's
+// reader goroutine, so it does no I/O beyond a log line.
+func (g *Guard) TapHandle(ctx context.Context, info *tap.Info) (context.Context, error) {
+	if isOpen(info.FullMethodName) {
+		return ctx, nil
+	}
+	id, err := g.admit(ctx, info.FullMethodName)
+	if err != nil {
+		return nil, err
+	}
+	return context.WithValue(ctx, identityKey{}, id), nil
 }
 
 // Describe summarizes the guard for a start-up log line; token names only, never secrets.
@@ -162,7 +181,8 @@ func (g *Guard) Open() bool { return g.tls == nil && len(g.tokens) == 0 }
 
 // UnaryInterceptor authenticates and rate-limits one unary call.
 func (g *Guard) UnaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if isOpen(info.FullMethod) {
+	if isOpen(info.FullMethod) || Identity(ctx) != "" {
+		// Open, or admitted by TapHandle already: a call is counted once.
 		return handler(ctx, req)
 	}
 	id, err := g.admit(ctx, info.FullMethod)
@@ -175,7 +195,7 @@ func (g *Guard) UnaryInterceptor(ctx context.Context, req any, info *grpc.UnaryS
 // StreamInterceptor does for a stream what UnaryInterceptor does for a call; the stream's start
 // counts as one call.
 func (g *Guard) StreamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	if isOpen(info.FullMethod) {
+	if isOpen(info.FullMethod) || Identity(ss.Context()) != "" {
 		return handler(srv, ss)
 	}
 	id, err := g.admit(ss.Context(), info.FullMethod)

@@ -364,7 +364,7 @@ func TestNewRejectsBadSettings(t *testing.T) {
 	g, err := grpcauth.New(grpcauth.Config{})
 	require.NoError(t, err)
 	require.True(t, g.Open())
-	require.Len(t, g.ServerOptions(), 2, "interceptors only: no credentials")
+	require.Len(t, g.ServerOptions(), 3, "tap handle and interceptors only: no credentials")
 	require.True(t, strings.Contains(strings.Join(anyStrings(g.Describe()), " "), "off"))
 }
 
