@@ -186,10 +186,36 @@ func (h *Handler) guard(rt route) http.Handler {
 				return
 			}
 		}
+		if err := checkStrings(r); err != nil {
+			h.writeError(w, r, err)
+			return
+		}
 		if err := rt.handle(w, r, c); err != nil {
 			h.writeError(w, r, err)
 		}
 	})
+}
+
+// checkStrings applies the check every client string passes (engine.CheckString: UTF-8, no NUL,
+// length) to the path parameters and every query parameter of a request, before any handler
+// reads them; request bodies are checked where they are decoded.
+func checkStrings(r *http.Request) error {
+	for _, name := range []string{"gid", "name"} {
+		if err := engine.CheckString(name, r.PathValue(name), 0); err != nil {
+			return err
+		}
+	}
+	for k, vs := range r.URL.Query() {
+		if err := engine.CheckString("query parameter name", k, 0); err != nil {
+			return err
+		}
+		for _, v := range vs {
+			if err := engine.CheckString(k, v, 0); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // unmatched answers paths under /admin/v1/ that no route serves, in JSON like every other error.
@@ -330,6 +356,11 @@ func (h *Handler) action(name string) handlerFunc {
 		var req ActionRequest
 		if err := decodeBody(w, r, &req); err != nil {
 			return err
+		}
+		for _, f := range []struct{ name, v string }{{"branch", req.Branch}, {"op", req.Op}, {"reason", req.Reason}} {
+			if err := engine.CheckString(f.name, f.v, 0); err != nil {
+				return err
+			}
 		}
 		op := engine.Operation{
 			GID: r.PathValue("gid"), Action: name, Branch: req.Branch, Op: req.Op,

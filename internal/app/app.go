@@ -188,8 +188,11 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	a.Addr = lis.Addr().String()
 	// Larger requests fail RESOURCE_EXHAUSTED in gRPC's transport, before a handler runs; the
 	// per-payload limit is checked besides, by the engine.
-	a.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(maxRequest),
-		grpc.ChainUnaryInterceptor(tracing.UnaryServerInterceptor)}, guard.ServerOptions()...)...)
+	// Every request then passes the checks all share (server.ValidateUnary), after the guard.
+	a.grpc = grpc.NewServer(append(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(maxRequest),
+		grpc.ForceServerCodecV2(server.NewCodec()),
+		grpc.ChainUnaryInterceptor(tracing.UnaryServerInterceptor)}, guard.ServerOptions()...),
+		grpc.ChainUnaryInterceptor(server.ValidateUnary))...)
 	treatyv1.RegisterCoordinatorServer(a.grpc, &server.Coordinator{Engine: a.Engine})
 	a.health = health.NewServer()
 	healthpb.RegisterHealthServer(a.grpc, a.health)
