@@ -99,3 +99,47 @@ func TestAnonymousHugeCallsRefusedBeforeReading(t *testing.T) {
 	_, err = client.GetTransaction(ctx, &treatyv1.GetTransactionRequest{Gid: "huge"})
 	require.Equal(t, codes.NotFound, status.Code(err), "nothing was written: %v", err)
 }
+
+// The issue: 100 sagas whose targets differed only in method added ~2,200 lines to /metrics. The
+// target label is the endpoint, from a capped set: methods add no series, and endpoints past the
+// cap share the value "other".
+func TestMetricsTargetLabelsBounded(t *testing.T) {
+	t.Parallel()
+	b := setup(t, setupOpts{http: true})
+	base := "http://" + b.app.HTTPAddr
+	submit := func(gid, target string) {
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		_, err := b.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: gid, Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{{
+			Name: "s", Action: &treatyv1.Call{Target: target}, Compensate: &treatyv1.Call{Target: target},
+			Retry: &treatyv1.RetryPolicy{MaxAttempts: 1},
+		}}}})
+		require.NoError(t, err)
+	}
+	for i := range 100 {
+		submit(fmt.Sprintf("method-%d", i), fmt.Sprintf("grpc://%s/test.Svc/Method%d", b.part.Addr, i))
+	}
+	// Endpoints nobody listens on: each call fails at once (not_sent), and each is a new endpoint.
+	const endpoints = metricsMaxTargets + 20
+	for i := range endpoints {
+		submit(fmt.Sprintf("endpoint-%d", i), fmt.Sprintf("grpc://127.0.0.1:%d/x.Y/Z", 1+i))
+	}
+	var body string
+	require.Eventually(t, func() bool {
+		_, body = httpGet(t, base+"/metrics")
+		return strings.Contains(body, `target="other"`) && strings.Contains(body, `target="`+b.part.Addr+`"`)
+	}, 60*time.Second, 100*time.Millisecond, "no overflow label in /metrics")
+	labels := map[string]bool{}
+	for _, line := range strings.Split(body, "\n") {
+		if !strings.HasPrefix(line, "treaty_branch_call_duration_seconds_count{") {
+			continue
+		}
+		_, rest, _ := strings.Cut(line, `target="`)
+		v, _, _ := strings.Cut(rest, `"`)
+		labels[v] = true
+	}
+	require.LessOrEqual(t, len(labels), metricsMaxTargets+1, "target label values: %d", len(labels))
+	for l := range labels {
+		require.NotContains(t, l, "/", "a method reached the target label: %s", l)
+	}
+}

@@ -49,7 +49,7 @@ func TestMetricsHealthAndReadiness(t *testing.T) {
 		`treaty_transactions_finished_total{mode="saga",outcome="compensated"} 1`,
 		`treaty_transactions{mode="saga",status="succeeded"} 1`,
 		`treaty_transactions{mode="saga",status="compensated"} 1`,
-		`treaty_branch_call_duration_seconds_count{op="action",outcome="aborted",target="` + b.part.Addr + `/test.Svc/Do"} 1`,
+		`treaty_branch_call_duration_seconds_count{op="action",outcome="aborted",target="` + b.part.Addr + `"} 1`,
 		`treaty_needs_operator 0`,
 		`treaty_recovery_backlog{kind="due"} 0`,
 		`treaty_circuit_breaker_open{target="` + b.part.Addr + `"} 0`,

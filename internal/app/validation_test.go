@@ -22,10 +22,13 @@ import (
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/grpcauth"
 	"github.com/treatyhq/treaty/internal/invoke"
+	"github.com/treatyhq/treaty/internal/metrics"
 	"github.com/treatyhq/treaty/internal/pgtest"
 )
 
 const nul = "a\x00b"
+
+const metricsMaxTargets = metrics.MaxTargetLabels
 
 // Invalid google.protobuf.Duration values the issue found accepted.
 var badDurations = []*durationpb.Duration{{Nanos: 2e9}, {Seconds: 1, Nanos: -5}, {Seconds: 315576000001}}

@@ -24,6 +24,7 @@ type Metrics struct {
 	commitBatch prometheus.Histogram
 	jobRuns     *prometheus.CounterVec
 	jobFindings *prometheus.GaugeVec
+	targets     *targetLabels
 }
 
 // BreakerStates reports each participant endpoint's circuit breaker state.
@@ -32,7 +33,9 @@ type BreakerStates func() map[string]string
 // New registers the coordinator's metrics on reg. stats is read at scrape time for the backlog
 // and needs-operator gauges; breakers for the circuit breaker gauge.
 func New(reg prometheus.Registerer, st store.Store, breakers BreakerStates, log *slog.Logger) *Metrics {
+	targets := newTargetLabels(MaxTargetLabels)
 	m := &Metrics{
+		targets: targets,
 		started: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "treaty_transactions_started_total", Help: "Transactions accepted, by mode.",
 		}, []string{"mode"}),
@@ -40,7 +43,7 @@ func New(reg prometheus.Registerer, st store.Store, breakers BreakerStates, log 
 			Name: "treaty_transactions_finished_total", Help: "Transactions that reached a terminal status on this replica, by mode and outcome (succeeded, compensated, needs_operator).",
 		}, []string{"mode", "outcome"}),
 		calls: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "treaty_branch_call_duration_seconds", Help: "Participant call latency by target endpoint, op and outcome (ok, aborted, transient, not_sent).",
+			Name: "treaty_branch_call_duration_seconds", Help: "Participant call latency by target endpoint (host:port; the first 100 endpoints, later ones \"other\"), op and outcome (ok, aborted, transient, not_sent).",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}, []string{"target", "op", "outcome"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -64,7 +67,7 @@ func New(reg prometheus.Registerer, st store.Store, breakers BreakerStates, log 
 		}, []string{"job"}),
 	}
 	reg.MustRegister(m.started, m.finished, m.calls, m.retries, m.claims, m.lost, m.commitBatch, m.jobRuns, m.jobFindings,
-		&stateCollector{st: st, breakers: breakers, log: log})
+		&stateCollector{st: st, breakers: breakers, log: log, targets: targets})
 	return m
 }
 
@@ -78,7 +81,7 @@ func (m *Metrics) TransactionFinished(mode, outcome string) {
 
 // BranchCall implements engine.Observer.
 func (m *Metrics) BranchCall(target, op, outcome string, d time.Duration) {
-	m.calls.WithLabelValues(target, op, outcome).Observe(d.Seconds())
+	m.calls.WithLabelValues(m.targets.label(target), op, outcome).Observe(d.Seconds())
 	if outcome == "transient" || outcome == "not_sent" {
 		m.retries.WithLabelValues(op).Inc()
 	}
@@ -109,6 +112,7 @@ type stateCollector struct {
 	st       store.Store
 	breakers BreakerStates
 	log      *slog.Logger
+	targets  *targetLabels
 }
 
 var (
@@ -127,6 +131,9 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	if c.breakers != nil {
+		// Endpoints share the capped label set of the call metrics; those past the cap are
+		// reported together under OverflowTarget with the worst state among them.
+		byLabel := map[string]float64{}
 		for target, state := range c.breakers() {
 			v := 0.0
 			switch state {
@@ -135,7 +142,13 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			case "half-open":
 				v = 0.5
 			}
-			ch <- prometheus.MustNewConstMetric(breakerDesc, prometheus.GaugeValue, v, target)
+			l := c.targets.label(target)
+			if old, ok := byLabel[l]; !ok || v > old {
+				byLabel[l] = v
+			}
+		}
+		for l, v := range byLabel {
+			ch <- prometheus.MustNewConstMetric(breakerDesc, prometheus.GaugeValue, v, l)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
