@@ -201,16 +201,19 @@ func TestMessageDeliveredOnlyWhenLocalCommits(t *testing.T) {
 		}
 		return nil
 	})
-	m := func(gid string) sdk.Message {
-		return sdk.Message{GID: gid, Timeout: 200 * time.Millisecond, QueryPrepared: e.call("QueryPrepared", ""),
+	// The message that commits gets a timeout it cannot miss, however slow the machine: past it
+	// the coordinator would ask QueryPrepared, which says "rolled back". The one that fails is
+	// never submitted, so its short timeout is what makes the coordinator look.
+	m := func(gid string, timeout time.Duration) sdk.Message {
+		return sdk.Message{GID: gid, Timeout: timeout, QueryPrepared: e.call("QueryPrepared", ""),
 			Deliveries: []sdk.Delivery{{Name: "points", Call: e.call("AddPoints", "points")}}, Wait: 10 * time.Second}
 	}
-	tx, err := e.client.Message(context.Background(), m("sdk-msg-ok"), func(ctx context.Context, gid string) error { return nil })
+	tx, err := e.client.Message(context.Background(), m("sdk-msg-ok", time.Minute), func(ctx context.Context, gid string) error { return nil })
 	require.NoError(t, err)
 	require.Equal(t, "succeeded", tx.Phase)
 	require.Equal(t, []string{"deliver:points"}, e.calls("sdk-msg-ok"))
 
-	_, err = e.client.Message(context.Background(), m("sdk-msg-fail"), func(ctx context.Context, gid string) error { return errors.New("insufficient stock") })
+	_, err = e.client.Message(context.Background(), m("sdk-msg-fail", 200*time.Millisecond), func(ctx context.Context, gid string) error { return errors.New("insufficient stock") })
 	require.ErrorContains(t, err, "insufficient stock")
 	tx, err = e.client.Wait(context.Background(), "sdk-msg-fail", 10*time.Second)
 	require.NoError(t, err)

@@ -77,7 +77,7 @@ func TestStuckTransactionIsRedriven(t *testing.T) {
 	close(hang)
 	_, err := b.client.SubmitSaga(context.Background(), &treatyv1.SubmitSagaRequest{Gid: "stuck-1", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{s}}})
 	require.NoError(t, err)
-	require.Eventually(t, func() bool { return len(b.part.CallsFor("stuck-1")) == 1 }, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return len(b.part.CallsFor("stuck-1")) == 1 }, 30*time.Second, 10*time.Millisecond)
 	b.part.SetScript(nil)              // the participant recovers; the hung call stays hung
 	time.Sleep(400 * time.Millisecond) // past the stuck threshold: the point of the test
 	b.app.Engine.RunJobs(context.Background())

@@ -106,11 +106,11 @@ func TestOperatorRetryNowSkipsBackoff(t *testing.T) {
 	slow.Retry = &treatyv1.RetryPolicy{MaxAttempts: 5, InitialBackoff: durationpb.New(time.Hour), MaxBackoff: durationpb.New(time.Hour)}
 	_, err := b.client.SubmitSaga(context.Background(), &treatyv1.SubmitSagaRequest{Gid: "op-retry", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{slow}}})
 	require.NoError(t, err)
-	require.Eventually(t, func() bool { return calls.Load() == 1 }, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return calls.Load() == 1 }, 30*time.Second, 10*time.Millisecond)
 	require.Eventually(t, func() bool {
 		_, err = operate(b, engine.Operation{GID: "op-retry", Action: engine.ActionRetry, Reason: "participant is back"})
 		return err == nil
-	}, 10*time.Second, 20*time.Millisecond, "retry: %v", err)
+	}, 30*time.Second, 20*time.Millisecond, "retry: %v", err)
 	res, err := b.client.WaitTransaction(context.Background(), &treatyv1.WaitTransactionRequest{Gid: "op-retry", Timeout: durationpb.New(10 * time.Second)})
 	require.NoError(t, err)
 	require.Equal(t, treatyv1.Status_STATUS_SUCCEEDED, res.Transaction.Status, "an hour of backoff was skipped")
@@ -130,12 +130,12 @@ func TestOperatorPauseAndRollback(t *testing.T) {
 	slow.Retry = &treatyv1.RetryPolicy{MaxAttempts: 1000, InitialBackoff: durationpb.New(200 * time.Millisecond), MaxBackoff: durationpb.New(200 * time.Millisecond)}
 	_, err := b.client.SubmitSaga(context.Background(), &treatyv1.SubmitSagaRequest{Gid: "op-pause", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("fast"), slow}}})
 	require.NoError(t, err)
-	require.Eventually(t, func() bool { return calls.Load() >= 1 }, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return calls.Load() >= 1 }, 30*time.Second, 10*time.Millisecond)
 	var tx *treatyv1.Transaction
 	require.Eventually(t, func() bool {
 		tx, err = operate(b, engine.Operation{GID: "op-pause", Action: engine.ActionPause, Reason: "investigating"})
 		return err == nil
-	}, 10*time.Second, 20*time.Millisecond, "pause: %v", err)
+	}, 30*time.Second, 20*time.Millisecond, "pause: %v", err)
 	require.True(t, tx.Paused)
 	require.Empty(t, tx.LeaseOwner)
 	before := calls.Load()
@@ -154,7 +154,7 @@ func TestOperatorPauseAndRollback(t *testing.T) {
 	require.Eventually(t, func() bool {
 		_, err = operate(b, engine.Operation{GID: "op-pause", Action: engine.ActionRollback, Reason: "customer cancelled"})
 		return err == nil
-	}, 10*time.Second, 20*time.Millisecond, "rollback: %v", err)
+	}, 30*time.Second, 20*time.Millisecond, "rollback: %v", err)
 	res, err = b.client.WaitTransaction(context.Background(), &treatyv1.WaitTransactionRequest{Gid: "op-pause", Timeout: durationpb.New(10 * time.Second)})
 	require.NoError(t, err)
 	require.Equal(t, treatyv1.Status_STATUS_COMPENSATED, res.Transaction.Status)

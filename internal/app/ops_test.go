@@ -64,6 +64,6 @@ func TestMetricsHealthAndReadiness(t *testing.T) {
 	require.Eventually(t, func() bool {
 		code, body = httpGet(t, base+"/readyz")
 		return code == http.StatusServiceUnavailable
-	}, 5*time.Second, 50*time.Millisecond)
+	}, 30*time.Second, 50*time.Millisecond)
 	require.Contains(t, body, "not ready")
 }

@@ -102,9 +102,9 @@ func startProc(t *testing.T, db string, env ...string) *proc {
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = conn.Close() })
 	p.conn, p.client = conn, treatyv1.NewCoordinatorClient(conn)
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_, err := p.client.GetTransaction(ctx, &treatyv1.GetTransactionRequest{Gid: "ping"})
 		cancel()
 		if err != nil && !isUnavailable(err) {

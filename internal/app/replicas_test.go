@@ -108,5 +108,5 @@ func TestTwoReplicasShareWork(t *testing.T) {
 	require.Eventually(t, func() bool {
 		l := a.logs.String()
 		return strings.Contains(l, "lost ownership") || strings.Contains(l, "could not renew lease") || strings.Contains(l, "driver cancelled")
-	}, 10*time.Second, 50*time.Millisecond, "the stale replica never noticed it lost its leases")
+	}, 30*time.Second, 50*time.Millisecond, "the stale replica never noticed it lost its leases")
 }

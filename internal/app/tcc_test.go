@@ -89,8 +89,10 @@ func TestTCCRollbackCancelsEveryRegisteredBranch(t *testing.T) {
 func TestTCCInitiatorGoneIsCancelledAtTimeout(t *testing.T) {
 	t.Parallel()
 	b := setup(t, setupOpts{})
-	b.beginTCC(t, "tcc-gone", 300*time.Millisecond, "flight", "hotel")
-	res, err := b.client.WaitTransaction(context.Background(), &treatyv1.WaitTransactionRequest{Gid: "tcc-gone", Timeout: durationpb.New(10 * time.Second)})
+	// Long enough for the two registrations to arrive on a loaded machine; the deadline then
+	// passes with nobody committing.
+	b.beginTCC(t, "tcc-gone", 3*time.Second, "flight", "hotel")
+	res, err := b.client.WaitTransaction(context.Background(), &treatyv1.WaitTransactionRequest{Gid: "tcc-gone", Timeout: durationpb.New(60 * time.Second)})
 	require.NoError(t, err)
 	require.True(t, res.Terminal)
 	require.Equal(t, "cancelled", res.Transaction.Phase)

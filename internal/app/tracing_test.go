@@ -45,7 +45,7 @@ func TestTracingJoinsCallerAndReachesParticipants(t *testing.T) {
 			}
 		}
 		return txSpan != nil && len(calls) == 2
-	}, 5*time.Second, 10*time.Millisecond)
+	}, 30*time.Second, 10*time.Millisecond)
 	require.Equal(t, callerTrace, txSpan.SpanContext().TraceID().String(), "the transaction joins the caller's trace")
 	require.Equal(t, "00f067aa0ba902b7", txSpan.Parent().SpanID().String())
 	for _, name := range []string{"treaty.call action a", "treaty.call action b"} {

@@ -212,7 +212,7 @@ func TestCallTimeout(t *testing.T) {
 		require.Equal(t, invoke.Transient, res.Outcome)
 		require.Equal(t, codes.DeadlineExceeded, res.Code)
 		require.GreaterOrEqual(t, res.Duration, 100*time.Millisecond)
-		require.Less(t, res.Duration, 2*time.Second)
+		require.Less(t, res.Duration, 30*time.Second, "only the deadline ends this call")
 	})
 	t.Run("default timeout", func(t *testing.T) {
 		t.Parallel()
@@ -220,7 +220,7 @@ func TestCallTimeout(t *testing.T) {
 		require.Equal(t, invoke.Transient, res.Outcome)
 		require.Equal(t, codes.DeadlineExceeded, res.Code)
 		require.GreaterOrEqual(t, res.Duration, 150*time.Millisecond)
-		require.Less(t, res.Duration, 2*time.Second)
+		require.Less(t, res.Duration, 30*time.Second, "only the deadline ends this call")
 	})
 	t.Run("context deadline shorter than timeout", func(t *testing.T) {
 		t.Parallel()
@@ -229,7 +229,7 @@ func TestCallTimeout(t *testing.T) {
 		res := inv.Call(ctx, invoke.Request{Target: p.target("/p.S/Slow"), Timeout: time.Minute})
 		require.Equal(t, invoke.Transient, res.Outcome)
 		require.Equal(t, codes.DeadlineExceeded, res.Code)
-		require.Less(t, res.Duration, 2*time.Second)
+		require.Less(t, res.Duration, 30*time.Second, "only the deadline ends this call")
 	})
 	t.Run("canceled context", func(t *testing.T) {
 		t.Parallel()
@@ -334,7 +334,7 @@ func TestBreaker(t *testing.T) {
 	require.Equal(t, before, p.calls.Load(), "an open breaker sends nothing")
 
 	// Still failing when half-open: one trial call, then open again.
-	require.Eventually(t, func() bool { return inv.BreakerStates()[endpoint] == "half-open" }, 5*time.Second, 5*time.Millisecond, "breaker half-opens")
+	require.Eventually(t, func() bool { return inv.BreakerStates()[endpoint] == "half-open" }, 30*time.Second, 5*time.Millisecond, "breaker half-opens")
 	res = inv.Call(t.Context(), invoke.Request{Target: target})
 	require.Equal(t, codes.Unavailable, res.Code)
 	require.NotErrorIs(t, res.Err, invoke.ErrBreakerOpen, "the trial call reached the participant")
@@ -342,7 +342,7 @@ func TestBreaker(t *testing.T) {
 
 	// Recovered: the next trial call succeeds and closes the breaker.
 	healthy.Store(true)
-	require.Eventually(t, func() bool { return inv.BreakerStates()[endpoint] == "half-open" }, 5*time.Second, 5*time.Millisecond, "breaker half-opens again")
+	require.Eventually(t, func() bool { return inv.BreakerStates()[endpoint] == "half-open" }, 30*time.Second, 5*time.Millisecond, "breaker half-opens again")
 	res = inv.Call(t.Context(), invoke.Request{Target: target})
 	require.Equal(t, invoke.OK, res.Outcome, "err: %v", res.Err)
 	require.Equal(t, []byte("ok"), res.Response)
@@ -378,7 +378,7 @@ func TestBreakerHalfOpenAdmitsOneTrial(t *testing.T) {
 	require.Equal(t, codes.Internal, res.Code)
 	require.Equal(t, "open", inv.BreakerStates()[p.addr])
 	failing.Store(false)
-	require.Eventually(t, func() bool { return inv.BreakerStates()[p.addr] == "half-open" }, 5*time.Second, 5*time.Millisecond, "breaker half-opens")
+	require.Eventually(t, func() bool { return inv.BreakerStates()[p.addr] == "half-open" }, 30*time.Second, 5*time.Millisecond, "breaker half-opens")
 
 	trial := make(chan invoke.Result, 1)
 	go func() { trial <- inv.Call(t.Context(), invoke.Request{Target: target, Timeout: 20 * time.Second}) }()
@@ -475,7 +475,7 @@ func TestConcurrencyLimit(t *testing.T) {
 			results <- inv.Call(t.Context(), invoke.Request{Target: target, Timeout: 20 * time.Second})
 		})
 	}
-	require.Eventually(t, func() bool { return inFlight.Load() == limit }, 5*time.Second, 5*time.Millisecond, "the first calls reach the handler")
+	require.Eventually(t, func() bool { return inFlight.Load() == limit }, 30*time.Second, 5*time.Millisecond, "the first calls reach the handler")
 
 	// With every slot taken, a call with a short timeout gives up waiting for one.
 	res := inv.Call(t.Context(), invoke.Request{Target: p.target("/p.S/Other"), Timeout: 100 * time.Millisecond})
@@ -553,7 +553,7 @@ func TestConnectionReuse(t *testing.T) {
 		require.Equal(t, invoke.OK, res.Outcome, "err: %v", res.Err)
 	}
 	require.Len(t, inv.BreakerStates(), 2)
-	require.Eventually(t, func() bool { return p.conns.Load() == 2 && other.conns.Load() == 1 }, 5*time.Second, 5*time.Millisecond, "the second endpoint connects to both its addresses")
+	require.Eventually(t, func() bool { return p.conns.Load() == 2 && other.conns.Load() == 1 }, 30*time.Second, 5*time.Millisecond, "the second endpoint connects to both its addresses")
 	require.EqualValues(t, 32+2, p.calls.Load()+other.calls.Load())
 }
 

@@ -81,6 +81,9 @@ type injector struct {
 	rates faultRates
 	// lateTimeout bounds a late request: long enough to be handled, short enough for Wait.
 	lateTimeout time.Duration
+	// hold, when set, keeps late requests back until it is closed, so a test can look at what
+	// happened before they arrive however slowly the machine runs.
+	hold chan struct{}
 
 	mu  sync.Mutex
 	rng *rand.Rand
@@ -202,6 +205,9 @@ func (in *injector) client() grpc.UnaryClientInterceptor {
 				t := time.NewTimer(time.Until(deadline) + 20*time.Millisecond)
 				defer t.Stop()
 				<-t.C
+				if in.hold != nil {
+					<-in.hold
+				}
 				// The metadata (gid, branch, op) travels on; the caller's deadline does not.
 				lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), in.lateTimeout)
 				defer cancel()
@@ -251,6 +257,9 @@ func (in *injector) serve(ctx context.Context, handle func(ctx context.Context) 
 		in.late.Add(1)
 		go func() {
 			defer in.late.Done()
+			if in.hold != nil {
+				<-in.hold
+			}
 			lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), in.lateTimeout)
 			defer cancel()
 			_ = handle(lctx)
@@ -338,15 +347,32 @@ func TestInjectorFaults(t *testing.T) {
 				rates.Unavailable = 1
 			}
 			in := newInjector("test-"+tc.f.String(), 1, rates)
+			// The late request waits for the check below, and has all the time it needs.
+			in.hold, in.lateTimeout = make(chan struct{}), time.Minute
+			released := false
+			release := func() {
+				if !released {
+					released = true
+					close(in.hold)
+				}
+			}
 			t.Cleanup(in.Close)
+			t.Cleanup(release)
 			conn := dialBank(t, bk, in)
 			gid := "inj-" + tc.f.String()
-			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			// Only the delayed call is meant to miss its deadline; every other call must be
+			// answered, however loaded the machine, so it gets a deadline it cannot miss.
+			callTimeout := time.Minute
+			if tc.f == faultDelay {
+				callTimeout = 300 * time.Millisecond
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 			defer cancel()
 			md := participant.Metadata{GID: gid, Branch: "debit", Op: participant.OpAction, Mode: participant.ModeSaga}
 			err := callBank(ctx, conn, methodDebit, md, order{Account: "acc", Amount: 1})
 			require.Equal(t, tc.code, status.Code(err), "%v", err)
 			require.Equal(t, tc.runsSync, bk.applied(gid), "business changes when the call returned")
+			release()
 			in.Wait()
 			require.Equal(t, tc.runs, bk.applied(gid), "business changes once late calls arrived")
 			handled := bk.handled(gid)

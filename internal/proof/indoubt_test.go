@@ -267,11 +267,11 @@ func startProc(t *testing.T, bin, db string, env ...string) *proc {
 		}
 	})
 	c := dialCoordinator(t, p.addr)
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_, err := c.Get(ctx, "ping")
 		cancel()
 		if errors.Is(err, sdk.ErrNotFound) {

@@ -39,7 +39,7 @@ func TestSagaCannotTakeBackSpentMoney(t *testing.T) {
 		done <- outcome{tx, err}
 	}()
 	// Bob spends the money as soon as it arrives.
-	require.Eventually(t, func() bool { return b.applied(gid) == 1 }, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return b.applied(gid) == 1 }, 30*time.Second, 10*time.Millisecond)
 	_, err := b.pool.Exec(context.Background(), "UPDATE accounts SET balance = balance - $1 WHERE id = 'bob'", amount)
 	require.NoError(t, err)
 

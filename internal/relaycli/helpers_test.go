@@ -15,7 +15,9 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/treatyhq/treaty/pkg/outbox"
 )
@@ -100,8 +102,9 @@ type rec struct {
 
 // consumer reads topics from the start with franz-go.
 type consumer struct {
-	cl  *kgo.Client
-	got []rec
+	cl   *kgo.Client
+	got  []rec
+	next map[int32]int64 // per partition, the offset after the last record read
 }
 
 func newConsumer(t *testing.T, addrs []string, topics ...string) *consumer {
@@ -110,7 +113,7 @@ func newConsumer(t *testing.T, addrs []string, topics ...string) *consumer {
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(100*time.Millisecond))
 	require.NoError(t, err)
 	t.Cleanup(cl.Close)
-	return &consumer{cl: cl}
+	return &consumer{cl: cl, next: map[int32]int64{}}
 }
 
 func (c *consumer) poll(d time.Duration) {
@@ -124,7 +127,67 @@ func (c *consumer) poll(d time.Duration) {
 			}
 		}
 		c.got = append(c.got, x)
+		c.next[r.Partition] = max(c.next[r.Partition], r.Offset+1)
 	})
+}
+
+// drain reads topic up to the end offsets it has now, so everything already acknowledged by
+// the broker has been read, however slowly the machine runs.
+func (c *consumer) drain(t *testing.T, topic string, timeout time.Duration) {
+	t.Helper()
+	ends := endOffsets(t, c.cl, topic)
+	deadline := time.Now().Add(timeout)
+	for {
+		behind := false
+		for p, end := range ends {
+			if c.next[p] < end {
+				behind = true
+			}
+		}
+		if !behind {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s reading %s up to %v; read up to %v", timeout, topic, ends, c.next)
+		}
+		c.poll(200 * time.Millisecond)
+	}
+}
+
+// endOffsets asks the brokers for each partition's end (the next offset to be written).
+func endOffsets(t *testing.T, cl *kgo.Client, topic string) map[int32]int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	meta := kmsg.NewPtrMetadataRequest()
+	mt := kmsg.NewMetadataRequestTopic()
+	mt.Topic = kmsg.StringPtr(topic)
+	meta.Topics = append(meta.Topics, mt)
+	mres, err := meta.RequestWith(ctx, cl)
+	require.NoError(t, err)
+	require.Len(t, mres.Topics, 1)
+	require.NoError(t, kerr.ErrorForCode(mres.Topics[0].ErrorCode))
+	lt := kmsg.NewListOffsetsRequestTopic()
+	lt.Topic = topic
+	for _, p := range mres.Topics[0].Partitions {
+		lp := kmsg.NewListOffsetsRequestTopicPartition()
+		lp.Partition = p.Partition
+		lp.Timestamp = -1 // the end
+		lt.Partitions = append(lt.Partitions, lp)
+	}
+	req := kmsg.NewPtrListOffsetsRequest()
+	req.Topics = append(req.Topics, lt)
+	res, err := req.RequestWith(ctx, cl)
+	require.NoError(t, err)
+	ends := map[int32]int64{}
+	for _, rt := range res.Topics {
+		for _, rp := range rt.Partitions {
+			require.NoError(t, kerr.ErrorForCode(rp.ErrorCode), "partition %d", rp.Partition)
+			ends[rp.Partition] = rp.Offset
+		}
+	}
+	require.Len(t, ends, len(mres.Topics[0].Partitions))
+	return ends
 }
 
 func (c *consumer) distinct() int {

@@ -158,7 +158,7 @@ func TestCrashBetweenPublishAndMark(t *testing.T) {
 	require.Less(t, remaining, keys*perKey, "batches before the crash point were marked")
 	c := newConsumer(t, kc.ListenAddrs(), "ev")
 	c.waitDistinct(t, keys*perKey-remaining+1, 20*time.Second)
-	c.poll(500 * time.Millisecond) // everything the dead relay published was acknowledged before it died
+	c.drain(t, "ev", 60*time.Second) // everything the dead relay published was acknowledged before it died
 	var ids []string
 	for _, r := range c.got {
 		ids = append(ids, r.id)
@@ -172,7 +172,7 @@ func TestCrashBetweenPublishAndMark(t *testing.T) {
 	c.waitDistinct(t, keys*perKey, 60*time.Second)
 	waitFor(t, 20*time.Second, "outbox emptied", func() bool { return count(t, pool, "SELECT count(*) FROM treaty_outbox") == 0 })
 	restarted.stop(t)
-	c.poll(300 * time.Millisecond)
+	c.drain(t, "ev", 60*time.Second)
 
 	distinct, inversions := checkOrder(t, c.got)
 	require.Equal(t, keys*perKey, distinct, "nothing lost")

@@ -23,6 +23,22 @@
 // Calls without Treaty metadata pass through untouched (FromContext reports false); calls with
 // malformed Treaty metadata are refused with INVALID_ARGUMENT naming the field.
 //
+// # Methods without .proto files
+//
+// A participant needs no .proto file and no generated code: Service serves typed Go functions
+// over protobuf messages (well-known types such as structpb.Struct and wrapperspb.StringValue
+// will do), reads the metadata itself, and with HandlePgx or HandleSQL runs each call under the
+// barrier in the handler's own transaction:
+//
+//	svc := participant.NewService("shop.Stock", &participant.ServiceOptions{Barrier: barrier, Pgx: pool})
+//	participant.HandlePgx(svc, "Reserve", func(ctx context.Context, tx pgx.Tx, in *structpb.Struct) (*emptypb.Empty, error) {
+//		...
+//	})
+//	svc.Register(grpcServer)
+//
+// The coordinator calls it as grpc://host:port + svc.Method("Reserve"); sdk.NewCall takes the
+// same name and the request message.
+//
 // # The barrier
 //
 // A Barrier records each call as a row of a table (DefaultBarrierTable, or your own name),
