@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/faults"
 )
 
 // Prefix is where the REST API lives; UIPrefix is the dashboard's.
@@ -50,6 +51,8 @@ type Config struct {
 	// reaches the HTTP port can then roll back transactions.
 	Open   bool
 	Logger *slog.Logger
+	// Faults manages the fault-injection rules (/admin/v1/faults); nil: none can be made.
+	Faults *faults.Injector
 }
 
 // Handler serves /admin/v1/ and /ui/.
@@ -60,6 +63,7 @@ type Handler struct {
 	log    *slog.Logger
 	mux    *http.ServeMux
 	routes []route
+	faults *faults.Injector
 }
 
 // handlerFunc is a route's body; an error it returns becomes the JSON error answer.
@@ -84,7 +88,7 @@ func New(cfg Config) (*Handler, error) {
 	if err != nil {
 		return nil, err
 	}
-	h := &Handler{eng: cfg.Engine, tokens: tokens, open: cfg.Open, log: cfg.Logger, mux: http.NewServeMux()}
+	h := &Handler{eng: cfg.Engine, tokens: tokens, open: cfg.Open, log: cfg.Logger, mux: http.NewServeMux(), faults: cfg.Faults}
 	switch {
 	case h.open:
 		h.log.Warn("admin API and dashboard are OPEN: no token needed, anyone who reaches the HTTP port may act on transactions (dev mode)")
@@ -114,6 +118,7 @@ func New(cfg Config) (*Handler, error) {
 	for _, action := range Actions() {
 		h.routes = append(h.routes, route{"POST", "/admin/v1/transactions/{gid}/" + action, RoleOperator, h.action(action)})
 	}
+	h.routes = append(h.routes, h.faultRoutes()...)
 	for _, rt := range h.routes {
 		h.mux.Handle(rt.method+" "+rt.path, h.guard(rt))
 	}
@@ -221,7 +226,7 @@ func checkStrings(r *http.Request) error {
 // unmatched answers paths under /admin/v1/ that no route serves, in JSON like every other error.
 func (h *Handler) unmatched(w http.ResponseWriter, r *http.Request) {
 	var allowed []string
-	for _, m := range []string{"GET", "POST"} {
+	for _, m := range []string{"GET", "POST", "DELETE"} {
 		probe := r.Clone(r.Context())
 		probe.Method = m
 		if _, p := h.mux.Handler(probe); p != Prefix {

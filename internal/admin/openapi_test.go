@@ -57,7 +57,7 @@ func TestOpenAPIMatchesHandlers(t *testing.T) {
 			documented = append(documented, pattern)
 
 			// The mux sends this operation to the route of the same pattern.
-			concrete := strings.NewReplacer("{gid}", "doc-1", "{name}", "booking").Replace(path)
+			concrete := strings.NewReplacer("{gid}", "doc-1", "{name}", "booking", "{id}", "1").Replace(path)
 			req, err := http.NewRequest(strings.ToUpper(method), concrete, nil)
 			require.NoError(t, err)
 			require.Equal(t, pattern, h.Match(req), "documented %s is served by another route", pattern)
@@ -107,6 +107,7 @@ func TestOpenAPIMatchesHandlers(t *testing.T) {
 		"TransactionList": admin.TransactionList{}, "Stats": admin.Stats{}, "StatusCount": admin.StatusCount{},
 		"Workflow": admin.Workflow{}, "WorkflowList": admin.WorkflowList{}, "Whoami": admin.Whoami{},
 		"ActionRequest": admin.ActionRequest{}, "JobList": admin.JobList{}, "Job": admin.Job{},
+		"FaultRequest": admin.FaultRequest{}, "Fault": admin.Fault{}, "FaultList": admin.FaultList{},
 	} {
 		schema, ok := doc.Components.Schemas[name]
 		require.True(t, ok, "schema %s is documented", name)

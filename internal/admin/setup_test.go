@@ -51,6 +51,7 @@ func (s *syncBuffer) String() string {
 }
 
 type bundle struct {
+	db     string
 	app    *app.App
 	base   string // http://host:port
 	client treatyv1.CoordinatorClient
@@ -61,6 +62,10 @@ type bundle struct {
 type setupOpts struct {
 	open   bool
 	script testparticipant.Script
+	// allowFaults starts the coordinator with --allow-fault-injection.
+	allowFaults bool
+	// db, when set, is the database to use (a second replica of another bundle).
+	db string
 }
 
 // setup starts a real coordinator on a fresh PostgreSQL database with the admin API on its HTTP
@@ -68,7 +73,10 @@ type setupOpts struct {
 // as well when TREATY_TEST_LOG is set).
 func setup(t *testing.T, o setupOpts) *bundle {
 	t.Helper()
-	db := pgtest.NewDatabase(t)
+	db := o.db
+	if db == "" {
+		db = pgtest.NewDatabase(t)
+	}
 	logs := &syncBuffer{}
 	var w io.Writer = logs
 	if os.Getenv("TREATY_TEST_LOG") != "" {
@@ -81,7 +89,7 @@ func setup(t *testing.T, o setupOpts) *bundle {
 	require.NoError(t, err)
 	a, err := app.Start(context.Background(), app.Config{
 		DB: db, Listen: "127.0.0.1:0", HTTPListen: "127.0.0.1:0", Migrate: true, Logger: log,
-		AdminTokens: []admin.Token{viewer, operator}, AdminOpen: o.open,
+		AdminTokens: []admin.Token{viewer, operator}, AdminOpen: o.open, AllowFaultInjection: o.allowFaults,
 		Engine: engine.Config{Lease: 3 * time.Second, RecoveryInterval: 100 * time.Millisecond, OperatorThreshold: 3},
 	})
 	require.NoError(t, err)
@@ -96,7 +104,7 @@ func setup(t *testing.T, o setupOpts) *bundle {
 	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = conn.Close() })
-	return &bundle{app: a, base: "http://" + a.HTTPAddr, client: treatyv1.NewCoordinatorClient(conn), part: part, logs: logs}
+	return &bundle{db: db, app: a, base: "http://" + a.HTTPAddr, client: treatyv1.NewCoordinatorClient(conn), part: part, logs: logs}
 }
 
 // step is a saga step whose action and compensation are the test participant's.

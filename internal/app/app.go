@@ -23,6 +23,7 @@ import (
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/admin"
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/faults"
 	"github.com/treatyhq/treaty/internal/grpcauth"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/metrics"
@@ -68,6 +69,11 @@ type Config struct {
 	// handler runs (RESOURCE_EXHAUSTED naming both sizes); 0 means DefaultMaxRequestBytes, and
 	// more than MaxRequestBytesCeiling is refused at start.
 	MaxRequestBytes int
+	// AllowFaultInjection lets operators inject faults into participant calls through the admin
+	// API (/admin/v1/faults), for game days; off by default, and never for production.
+	AllowFaultInjection bool
+	// FaultRefresh is how often the fault rules are reloaded; default faults.DefaultRefresh.
+	FaultRefresh time.Duration
 	// Tracing exports OpenTelemetry spans (a span per driven transaction and per participant
 	// call) over OTLP; off by default. Engine.Tracer, when set, wins (tests record spans).
 	Tracing tracing.Config
@@ -90,6 +96,8 @@ type App struct {
 	HTTPAddr string
 	// Registry holds the coordinator's metrics.
 	Registry *prometheus.Registry
+	// Faults holds the fault-injection rules (applied only with AllowFaultInjection).
+	Faults *faults.Injector
 
 	log     *slog.Logger
 	inv     *invoke.Invoker
@@ -131,6 +139,9 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	var err error
 	a := &App{Store: st, log: cfg.Logger, served: make(chan error, 1)}
 	fail := func(err error) (*App, error) {
+		if a.Faults != nil {
+			a.Faults.Stop()
+		}
 		if a.inv != nil {
 			_ = a.inv.Close()
 		}
@@ -167,6 +178,14 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	}
 	ec := cfg.Engine
 	ec.Store, ec.Invoker, ec.Logger = st, a.inv, cfg.Logger
+	if a.Faults, err = faults.New(faults.Config{Store: st, Enabled: cfg.AllowFaultInjection, Refresh: cfg.FaultRefresh,
+		Registerer: a.Registry, Logger: cfg.Logger}); err != nil {
+		return fail(err)
+	}
+	if a.Faults.Enabled() {
+		ec.Faults = a.Faults
+	}
+	a.Faults.Start(context.WithoutCancel(ctx))
 	if ec.Tracer == nil {
 		tp, shutdown, err := tracing.New(ctx, cfg.Tracing)
 		if err != nil {
@@ -202,7 +221,7 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		return fail(err)
 	}
 	if cfg.HTTPListen != "" {
-		a.admin, err = admin.New(admin.Config{Engine: a.Engine, Tokens: cfg.AdminTokens, Open: cfg.AdminOpen, Logger: cfg.Logger})
+		a.admin, err = admin.New(admin.Config{Engine: a.Engine, Tokens: cfg.AdminTokens, Open: cfg.AdminOpen, Logger: cfg.Logger, Faults: a.Faults})
 		if err != nil {
 			_ = lis.Close()
 			_ = a.Engine.Stop(context.Background())
@@ -264,6 +283,7 @@ func (a *App) Stop(ctx context.Context) error {
 	if a.stopTracing != nil {
 		_ = a.stopTracing(ctx)
 	}
+	a.Faults.Stop()
 	_ = a.inv.Close()
 	a.Store.Close()
 	return err

@@ -147,6 +147,7 @@ type serveConfig struct {
 	maxSteps, dbConns, claimBatch                      int
 	maxRequest                                         int
 	autoMigrate                                        bool
+	allowFaults                                        bool
 }
 
 func serve(ctx context.Context, args []string, env Env) error {
@@ -171,6 +172,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.String(&c.logFormat, "log-format", "text", "log format: text or json")
 	f.String(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.Bool(&c.autoMigrate, "migrate", false, "apply schema migrations before serving")
+	f.Bool(&c.allowFaults, "allow-fault-injection", false, allowFaultsUsage)
 	f.String(&c.otlpEndpoint, "otlp-endpoint", "", "OTLP/gRPC collector (host:port) to export traces to: a span per transaction and per participant call (empty: tracing off)")
 	f.Bool(&c.otlpInsecure, "otlp-insecure", false, "send traces to the collector without TLS")
 	f.Float64(&c.traceRatio, "trace-sample-ratio", 1, "fraction of new traces kept (a caller's sampled trace is always continued)")
@@ -202,6 +204,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	a, err := app.Start(ctx, app.Config{
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
 		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS, MaxRequestBytes: c.maxRequest,
+		AllowFaultInjection: c.allowFaults,
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
 			MaxActive: c.maxActive, OperatorThreshold: c.threshold,
@@ -229,6 +232,10 @@ func serve(ctx context.Context, args []string, env Env) error {
 	log.Info("coordinator stopped")
 	return err
 }
+
+const allowFaultsUsage = "let operators inject faults into participant calls through the admin API (/admin/v1/faults:\n" +
+	"      delays, error statuses, lost responses, dropped calls) for game days; every rule needs a reason\n" +
+	"      and an expiry and shows on the dashboard. Off: stored rules are ignored. Never in production"
 
 const adminTokensUsage = "file of admin API and dashboard tokens, one role:secret or role:secret:name per line\n" +
 	"      (role viewer or operator; secrets of at least 16 characters; # comments). The environment\n" +

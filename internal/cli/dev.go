@@ -18,6 +18,7 @@ type devConfig struct {
 	listen, httpListen, dbFile, kafka, logFormat, logLevel string
 	adminTokensFile                                        string
 	memory, adminOpen                                      bool
+	allowFaults                                            bool
 	kafkaPartitions                                        int
 }
 
@@ -32,6 +33,7 @@ func dev(ctx context.Context, args []string, env Env) error {
 	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz, /readyz, the admin API (/admin/v1) and the dashboard (/ui) (empty: off)")
 	f.String(&c.adminTokensFile, "admin-tokens-file", "", adminTokensUsage)
 	f.Bool(&c.adminOpen, "admin-open", false, "serve the admin API and dashboard without tokens, everyone an operator (anyone who\n      reaches --http-listen can then roll back transactions; dev mode only)")
+	f.Bool(&c.allowFaults, "allow-fault-injection", false, allowFaultsUsage)
 	f.String(&c.dbFile, "db-file", "treaty-dev.db", "SQLite file holding the coordinator's state")
 	f.Bool(&c.memory, "memory", false, "keep state in memory only (lost on exit) instead of --db-file")
 	f.String(&c.kafka, "kafka-listen", "127.0.0.1:9092", "address of the embedded Kafka-protocol broker (empty: no broker)")
@@ -85,7 +87,7 @@ func dev(ctx context.Context, args []string, env Env) error {
 		defer broker.Close()
 	}
 	a, err := app.Start(ctx, app.Config{Store: st, Listen: c.listen, HTTPListen: c.httpListen, Logger: log,
-		AdminTokens: tokens, AdminOpen: c.adminOpen,
+		AdminTokens: tokens, AdminOpen: c.adminOpen, AllowFaultInjection: c.allowFaults,
 		Engine: engine.Config{Lease: 5 * time.Second, RecoveryInterval: 500 * time.Millisecond}})
 	if err != nil {
 		st.Close()

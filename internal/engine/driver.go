@@ -63,6 +63,8 @@ type callResult struct {
 	d   dispatch
 	res invoke.Result
 	at  time.Time
+	// fault says how the fault injector perturbed the call ("" when it did not).
+	fault string
 }
 
 // newDriver builds a driver; it does not start it.
@@ -188,6 +190,9 @@ func (d *driver) run() {
 					recorded = CrashAfterRecord
 				}
 			}
+			if r.fault != "" {
+				pending = append(pending, faultEvent(r.d, r.fault))
+			}
 			pending = append(pending, d.m.apply(r.d, r.res, r.at, d.e.cfg.Rand())...)
 		}
 		select {
@@ -277,10 +282,11 @@ func (d *driver) call(c dispatch) {
 	// The call is cancelled with the driver; it carries the call span's trace context.
 	callCtx := tracing.Inject(trace.ContextWithSpan(d.ctx, span))
 	var res invoke.Result
+	var fault string
 	if timeout <= 0 {
 		res = invoke.Result{Outcome: invoke.Transient, Err: errors.New("lease too short to call")}
 	} else {
-		res = d.e.cfg.Invoker.Call(callCtx, invoke.Request{
+		res, fault = d.invokeWithFaults(callCtx, invoke.Request{
 			Target:   c.target.target,
 			Payload:  c.target.payload,
 			Timeout:  timeout,
@@ -299,7 +305,7 @@ func (d *driver) call(c dispatch) {
 	if label != "ok" && res.Err != nil {
 		span.SetStatus(codes.Error, res.Err.Error())
 	}
-	d.results <- callResult{d: c, res: res, at: d.e.cfg.Now()}
+	d.results <- callResult{d: c, res: res, at: d.e.cfg.Now(), fault: fault}
 }
 
 // outcomeLabel maps every mode's terminal phases onto the three outcomes.

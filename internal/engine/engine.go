@@ -66,6 +66,10 @@ type Config struct {
 	// Tracer makes a span per driven transaction and per participant call; nil = none.
 	Tracer trace.Tracer
 
+	// Faults, when set, may perturb participant calls (game days, --allow-fault-injection);
+	// nil = never, the default.
+	Faults FaultInjector
+
 	// CrashPoint is called at named points of the loop (fault injection for tests); nil = none.
 	CrashPoint func(name string)
 	// Now is the clock; default time.Now.

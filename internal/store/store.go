@@ -328,4 +328,6 @@ type Store interface {
 	// Ping checks that the database answers and the schema is current.
 	Ping(ctx context.Context) error
 	Close()
+	// FaultStore keeps the fault-injection rules of game days.
+	FaultStore
 }

@@ -407,3 +407,37 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   route();
 });
+
+// ---- Fault-injection banner: while fault rules are live, every page says so, so that nobody
+// mistakes a game day's injected failures for a real outage (or forgets to end one).
+
+function faultLine(f) {
+  const what = f.effect === "delay" ? "delay " + f.delay
+    : f.effect === "status" ? "status " + f.code
+    : f.effect === "lost_response" ? "lost response" : "drop";
+  const scope = [f.op || "every op", f.target ? "target " + f.target : "", f.gid_prefix ? "gids " + f.gid_prefix + "*" : "", f.workflow ? "workflow " + f.workflow : ""]
+    .filter(Boolean).join(", ");
+  const chance = f.probability < 1 ? ", " + Math.round(f.probability * 100) + "%" : "";
+  const count = f.max_count ? ", " + f.fired + "/" + f.max_count + " fired" : ", " + f.fired + " fired";
+  return "rule " + f.id + ": " + what + " on " + scope + chance + count + " until " + when(f.expires_at) + " (" + f.reason + ", by " + f.created_by + ")";
+}
+
+async function faultsBanner() {
+  if (!me) return; // not signed in yet: the page's own requests ask for the token
+  const b = $("faults-banner");
+  const list = await api("/faults");
+  const live = list.faults || [];
+  b.hidden = live.length === 0;
+  if (b.hidden) return;
+  b.replaceChildren(
+    list.enabled
+      ? "Fault injection is ON: " + live.length + " live rule(s) perturb participant calls."
+      : live.length + " fault rule(s) are stored, but this coordinator does not apply them (started without --allow-fault-injection).",
+    el("ul", {}, live.map((f) => el("li", {}, faultLine(f)))),
+  );
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  const tick = () => faultsBanner().catch(() => {}).finally(() => setTimeout(tick, REFRESH_MS));
+  tick();
+});

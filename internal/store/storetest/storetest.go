@@ -88,6 +88,8 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Reconcile/FindsAndRedrives", testReconcile},
 		{"DeleteFinished/OnlyFinishedInBatches", testDeleteFinished},
 		{"Now/IsTheLeaseClock", testNow},
+		{"Faults/CreateListDeleteFire", testFaults},
+		{"Faults/MaxCountAcrossConcurrentReplicas", testFaultsMaxCountConcurrent},
 		{"Ping/Current", testPing},
 	}
 	for _, tc := range tests {
