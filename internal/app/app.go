@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,6 +31,7 @@ import (
 	"github.com/treatyhq/treaty/internal/server"
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/internal/store/postgres"
+	"github.com/treatyhq/treaty/internal/targetpolicy"
 	"github.com/treatyhq/treaty/internal/tracing"
 )
 
@@ -74,6 +76,11 @@ type Config struct {
 	AllowFaultInjection bool
 	// FaultRefresh is how often the fault rules are reloaded; default faults.DefaultRefresh.
 	FaultRefresh time.Duration
+	// AllowTargets are the participant address patterns clients may name (see
+	// internal/targetpolicy); empty allows every address but link-local ones and this
+	// coordinator's own listen addresses, which are refused whatever the list says (link-local
+	// ones unless an IP or CIDR pattern names them).
+	AllowTargets []string
 	// Tracing exports OpenTelemetry spans (a span per driven transaction and per participant
 	// call) over OTLP; off by default. Engine.Tracer, when set, wins (tests record spans).
 	Tracing tracing.Config
@@ -158,6 +165,12 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		}
 		cfg.Invoke.TransportFor = cfg.ParticipantTLS.TransportFor
 	}
+	policy, err := targetpolicy.New(cfg.AllowTargets)
+	if err != nil {
+		return fail(err)
+	}
+	// Checked on connect too, against what a target's name resolves to.
+	cfg.Invoke.DialOptions = append(slices.Clone(cfg.Invoke.DialOptions), grpc.WithContextDialer(policy.DialContext))
 	a.inv = invoke.New(cfg.Invoke)
 	a.Registry = prometheus.NewRegistry()
 	a.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -186,6 +199,9 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 		ec.Faults = a.Faults
 	}
 	a.Faults.Start(context.WithoutCancel(ctx))
+	if ec.Limits.Targets == nil {
+		ec.Limits.Targets = policy
+	}
 	if ec.Tracer == nil {
 		tp, shutdown, err := tracing.New(ctx, cfg.Tracing)
 		if err != nil {
@@ -200,11 +216,19 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	if a.Engine, err = engine.New(ec); err != nil {
 		return fail(err)
 	}
+	a.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "treaty_active_payload_bytes",
+		Help: "Payload bytes held by the transactions this replica drives (bounded by --max-active-bytes).",
+	}, func() float64 { return float64(a.Engine.ActiveBytes()) }))
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fail(fmt.Errorf("listen %s: %w", cfg.Listen, err))
 	}
 	a.Addr = lis.Addr().String()
+	if err := policy.AddOwn(a.Addr); err != nil {
+		_ = lis.Close()
+		return fail(err)
+	}
 	// Larger requests fail RESOURCE_EXHAUSTED in gRPC's transport, before a handler runs; the
 	// per-payload limit is checked besides, by the engine.
 	// Every request then passes the checks all share (server.ValidateUnary), after the guard.
@@ -234,6 +258,12 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 			return fail(fmt.Errorf("listen %s: %w", cfg.HTTPListen, err))
 		}
 		a.HTTPAddr = hl.Addr().String()
+		if err := policy.AddOwn(a.HTTPAddr); err != nil {
+			_ = lis.Close()
+			_ = hl.Close()
+			_ = a.Engine.Stop(context.Background())
+			return fail(err)
+		}
 		a.http = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() { _ = a.http.Serve(hl) }()
 	}
@@ -242,6 +272,7 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	a.health.SetServingStatus(treatyv1.Coordinator_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	a.log.Info("coordinator serving", "grpc", a.Addr, "http", a.HTTPAddr, "owner", a.Engine.Owner())
 	a.log.Info("gRPC API security", guard.Describe()...)
+	a.log.Info("participant target policy", policy.Describe()...)
 	return a, nil
 }
 

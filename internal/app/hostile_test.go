@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -17,10 +19,14 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/pgtest"
+	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
 // procStatusKiB reads a "Name:   N kB" line of /proc/PID/status.
@@ -141,5 +147,146 @@ func TestMetricsTargetLabelsBounded(t *testing.T) {
 	require.LessOrEqual(t, len(labels), metricsMaxTargets+1, "target label values: %d", len(labels))
 	for l := range labels {
 		require.NotContains(t, l, "/", "a method reached the target label: %s", l)
+	}
+}
+
+// The issue: the cloud metadata address, the admin HTTP port and the coordinator's own gRPC port
+// were accepted as targets and called. They are refused on submit, naming the step and the
+// rule, and nothing is written.
+func TestTargetPolicy(t *testing.T) {
+	t.Parallel()
+	b := setup(t, setupOpts{http: true})
+	_, grpcPort, _ := strings.Cut(b.app.Addr, ":")
+	for target, rule := range map[string]string{
+		"grpc://169.254.169.254:80/x.Y/Z":                            "rule link-local",
+		"grpc://[fe80::1]:80/x.Y/Z":                                  "rule link-local",
+		"grpc://" + b.app.Addr + "/treaty.v1.Coordinator/SubmitSaga": "rule own-address",
+		"grpc://localhost:" + grpcPort + "/x.Y/Z":                    "rule own-address",
+		"grpc://" + b.app.HTTPAddr + "/x.Y/Z":                        "rule own-address",
+		"grpc://" + b.part.Addr + ",169.254.169.254:80/x.Y/Z":        "rule link-local",
+	} {
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		_, err := b.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: "bad-target", Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{
+			{Name: "ok", Action: &treatyv1.Call{Target: "grpc://" + b.part.Addr + "/test.Svc/Do"}, Compensate: &treatyv1.Call{Target: "grpc://" + b.part.Addr + "/test.Svc/Do"}},
+			{Name: "bad", Action: &treatyv1.Call{Target: "grpc://" + b.part.Addr + "/test.Svc/Do"}, Compensate: &treatyv1.Call{Target: target}},
+		}}})
+		cancel()
+		require.Equal(t, codes.InvalidArgument, status.Code(err), "%s: %v", target, err)
+		msg := status.Convert(err).Message()
+		require.True(t, strings.HasPrefix(msg, "saga.steps[1].compensate.target: "), "names the step: %s", msg)
+		require.Contains(t, msg, rule, target)
+	}
+	_, err := b.client.GetTransaction(t.Context(), &treatyv1.GetTransactionRequest{Gid: "bad-target"})
+	require.Equal(t, codes.NotFound, status.Code(err), "nothing was written")
+	require.Empty(t, b.part.Calls())
+}
+
+// With --allow-targets, only matching addresses may be named.
+func TestAllowTargets(t *testing.T) {
+	t.Parallel()
+	part := setup(t, setupOpts{}).part
+	a, err := app.Start(context.Background(), app.Config{DB: pgtest.NewDatabase(t), Listen: "127.0.0.1:0", Migrate: true,
+		Logger: testLogger(t), AllowTargets: []string{part.Addr}})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, a.Stop(ctx))
+	})
+	client := treatyv1.NewCoordinatorClient(dialCoordinator(t, a.Addr, nil))
+	submit := func(gid, addr string) error {
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		c := &treatyv1.Call{Target: "grpc://" + addr + "/test.Svc/Do"}
+		_, err := client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: gid, Wait: durationpb.New(30 * time.Second),
+			Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{{Name: "s", Action: c, Compensate: c}}}})
+		return err
+	}
+	require.NoError(t, submit("allowed", part.Addr))
+	err = submit("other", "127.0.0.1:1")
+	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+	require.Contains(t, status.Convert(err).Message(), "rule allow-targets")
+}
+
+// What an endpoint that is not a gRPC server answers is kept short in last_error.
+func TestNonGRPCAnswerCutShort(t *testing.T) {
+	t.Parallel()
+	b := setup(t, setupOpts{})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	secret := strings.Repeat("metadata-secret ", 500)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; "+secret[:2000])
+		w.Header().Set("Grpc-Message", secret)
+		_, _ = w.Write([]byte(secret))
+	}), Protocols: new(http.Protocols)}
+	srv.Protocols.SetUnencryptedHTTP2(true)
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(func() { _ = srv.Close() })
+
+	target := "grpc://" + lis.Addr().String() + "/x.Y/Z"
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	res, err := b.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: "web", Wait: durationpb.New(50 * time.Second),
+		Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{{Name: "s", Action: &treatyv1.Call{Target: target},
+			Compensate: &treatyv1.Call{Target: "grpc://" + b.part.Addr + "/test.Svc/Do"}, Retry: &treatyv1.RetryPolicy{MaxAttempts: 1}}}}})
+	require.NoError(t, err)
+	br := branch(res.Transaction, "s", "action")
+	require.NotNil(t, br)
+	require.NotEmpty(t, br.LastError)
+	require.True(t, strings.HasPrefix(br.LastError, "not a gRPC endpoint: "), br.LastError)
+	require.LessOrEqual(t, len(br.LastError), 200, br.LastError)
+}
+
+// The memory budget: past --max-active-bytes of payloads held by active transactions, a new one
+// is refused RESOURCE_EXHAUSTED with RetryInfo and nothing is written, while a small one still
+// fits and succeeds and the held transactions' leases are still renewed.
+func TestActiveBytesBudget(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	b := setup(t, setupOpts{engine: engine.Config{MaxActiveBytes: 8<<20 + 512<<10}, script: func(ctx context.Context, c testparticipant.Call) error {
+		if strings.HasPrefix(c.GID, "big-") && c.Op == "action" {
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		}
+		return nil
+	}})
+	t.Cleanup(func() { close(release) }) // before the coordinator stops
+	big := func(gid string) error {
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		_, err := b.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: gid, Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{{
+			Name: "s", Action: &treatyv1.Call{Target: b.part.Target("test.Svc/Do"), Payload: make([]byte, 1<<20)},
+			Compensate:  &treatyv1.Call{Target: b.part.Target("test.Svc/Undo")},
+			CallTimeout: durationpb.New(2 * time.Minute),
+		}}}})
+		return err
+	}
+	for i := range 8 {
+		require.NoError(t, big(fmt.Sprintf("big-%d", i)))
+	}
+	require.Equal(t, int64(8<<20), b.app.Engine.ActiveBytes())
+
+	err := big("big-8")
+	require.Equal(t, codes.ResourceExhausted, status.Code(err), "%v", err)
+	require.Contains(t, status.Convert(err).Message(), "--max-active-bytes")
+	require.Positive(t, retryInfo(t, err), "the refusal says when to come back")
+	_, err = b.client.GetTransaction(t.Context(), &treatyv1.GetTransactionRequest{Gid: "big-8"})
+	require.Equal(t, codes.NotFound, status.Code(err), "nothing was written: %v", err)
+
+	// A small saga fits within what is left, and completes.
+	tx := b.submitWait(t, "small", b.step("a"))
+	require.Equal(t, treatyv1.Status_STATUS_SUCCEEDED, tx.Status)
+
+	// The held transactions keep their leases: each was renewed (from the 3 s of --lease) to
+	// outlive its 2-minute call before the call was made, and this replica still owns them.
+	for i := range 8 {
+		got, err := b.client.GetTransaction(t.Context(), &treatyv1.GetTransactionRequest{Gid: fmt.Sprintf("big-%d", i)})
+		require.NoError(t, err)
+		require.Equal(t, b.app.Engine.Owner(), got.Transaction.LeaseOwner)
+		require.True(t, got.Transaction.LeaseExpiresAt.AsTime().After(time.Now().Add(time.Minute)),
+			"big-%d: lease until %v, not renewed for its call", i, got.Transaction.LeaseExpiresAt.AsTime())
 	}
 }

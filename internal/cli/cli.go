@@ -22,6 +22,7 @@ import (
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/store/postgres"
+	"github.com/treatyhq/treaty/internal/targetpolicy"
 	"github.com/treatyhq/treaty/internal/tracing"
 )
 
@@ -146,6 +147,8 @@ type serveConfig struct {
 	maxActive, threshold, maxPayload                   int
 	maxSteps, dbConns, claimBatch                      int
 	maxRequest                                         int
+	allowTargets                                       string
+	maxActiveBytes                                     int64
 	autoMigrate                                        bool
 	allowFaults                                        bool
 }
@@ -163,9 +166,14 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.Duration(&c.recovery, "recovery-interval", time.Second, "how often to look for due work (retries, expired leases)")
 	f.Int(&c.claimBatch, "claim-batch", 64, "transactions claimed per recovery pass")
 	f.Int(&c.maxActive, "max-active", 10000, "transactions driven at once by this replica")
+	f.Int64(&c.maxActiveBytes, "max-active-bytes", engine.DefaultMaxActiveBytes, "payload bytes the transactions driven by this replica may hold; new ones past it are refused\n"+
+		"      RESOURCE_EXHAUSTED with RetryInfo, nothing written")
 	f.Int(&c.threshold, "operator-threshold", 10, "failed attempts of one compensation before a transaction needs an operator")
 	f.Int(&c.maxPayload, "max-payload-bytes", engine.DefaultMaxPayloadBytes, "largest payload of one action or compensation")
 	f.Int(&c.maxRequest, "max-request-bytes", app.DefaultMaxRequestBytes, fmt.Sprintf("largest encoded gRPC request, refused RESOURCE_EXHAUSTED before it reaches a handler (at most %d, which is %d MiB)", app.MaxRequestBytesCeiling, app.MaxRequestBytesCeiling>>20))
+	f.String(&c.allowTargets, "allow-targets", "", "participant addresses clients may name, comma-separated patterns: host[:port], *.domain, *:port,\n"+
+		"      CIDR[:port], IP, [IPv6]:port, * (empty: any). Link-local addresses (169.254.0.0/16, fe80::/10) and this\n"+
+		"      coordinator's own listen addresses are refused whatever the list (link-local unless an IP or CIDR pattern names them)")
 	f.Int(&c.maxSteps, "max-steps", engine.DefaultMaxSteps, "most steps in one saga")
 	f.Int(&c.dbConns, "db-max-conns", 16, "PostgreSQL connection pool size")
 	f.Duration(&c.shutdown, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long to let in-flight calls finish before handing work back")
@@ -205,9 +213,10 @@ func serve(ctx context.Context, args []string, env Env) error {
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
 		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS, MaxRequestBytes: c.maxRequest,
 		AllowFaultInjection: c.allowFaults,
+		AllowTargets: targetpolicy.ParsePatterns(c.allowTargets),
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
-			MaxActive: c.maxActive, OperatorThreshold: c.threshold,
+			MaxActive: c.maxActive, MaxActiveBytes: c.maxActiveBytes, OperatorThreshold: c.threshold,
 			Limits:     engine.Limits{MaxSteps: c.maxSteps, MaxPayloadBytes: c.maxPayload},
 			CrashPoint: crash,
 			Jobs:       engine.JobsConfig{Interval: c.reconcile, StuckAfter: c.stuckAfter, Retention: c.retention},

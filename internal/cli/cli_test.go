@@ -106,6 +106,8 @@ var serveFlags = []flagDoc{
 	{"max-payload-bytes", "TREATY_MAX_PAYLOAD_BYTES", ""}, // default checked below: it is engine's
 	{"max-steps", "TREATY_MAX_STEPS", ""},
 	{"max-request-bytes", "TREATY_MAX_REQUEST_BYTES", "4194304"},
+	{"allow-targets", "TREATY_ALLOW_TARGETS", ""},
+	{"max-active-bytes", "TREATY_MAX_ACTIVE_BYTES", "268435456"},
 	{"db-max-conns", "TREATY_DB_MAX_CONNS", "16"},
 	{"shutdown-timeout", "TREATY_SHUTDOWN_TIMEOUT", "30s"},
 	{"log-format", "TREATY_LOG_FORMAT", "text"},

@@ -118,3 +118,8 @@ func (f *flags) Float64(p *float64, name string, def float64, usage string) {
 	f.fs.Float64Var(p, name, def, usage)
 	f.env[name] = envName(name)
 }
+
+func (f *flags) Int64(p *int64, name string, def int64, usage string) {
+	f.fs.Int64Var(p, name, def, usage)
+	f.env[name] = envName(name)
+}

@@ -50,6 +50,8 @@ type driver struct {
 	// row is the transaction row as last read (created or claimed); with the machine's state it
 	// makes the final view handed to local waiters without reading the database again.
 	row store.Transaction
+	// payloadBytes is what this driver counts against Config.MaxActiveBytes (set by register).
+	payloadBytes int64
 	// lastWrite is when this driver last recorded anything; wroteOnce whether it has.
 	lastWrite time.Time
 	wroteOnce bool

@@ -49,6 +49,10 @@ type Config struct {
 	ClaimBatch int
 	// MaxActive bounds the transactions this replica drives at once; default 10000.
 	MaxActive int
+	// MaxActiveBytes bounds the payload bytes held by the transactions this replica drives;
+	// new work past it is refused (ErrOverloaded) before anything is written. Default
+	// DefaultMaxActiveBytes.
+	MaxActiveBytes int64
 	// OperatorThreshold is the number of failed attempts of one compensation after which a
 	// transaction waits for an operator; default 10.
 	OperatorThreshold int
@@ -137,6 +141,9 @@ func (c *Config) setDefaults() error {
 	if c.MaxActive <= 0 {
 		c.MaxActive = 10000
 	}
+	if c.MaxActiveBytes <= 0 {
+		c.MaxActiveBytes = DefaultMaxActiveBytes
+	}
 	if c.OperatorThreshold <= 0 {
 		c.OperatorThreshold = 10
 	}
@@ -179,6 +186,10 @@ type Engine struct {
 	started  bool
 	stopping bool
 	stopCh   chan struct{} // closed when Stop begins: drivers stop dispatching
+
+	// activeBytes (guarded by mu) is the sum of the active drivers' payloadBytes: the memory
+	// budget's count.
+	activeBytes int64
 
 	drivers      sync.WaitGroup
 	loops        sync.WaitGroup
@@ -302,6 +313,11 @@ func (e *Engine) register(d *driver) bool {
 		return false
 	}
 	e.active[d.gid] = d
+	// The driver works from its plan, which holds the payloads; the encoded spec of its row
+	// would be a second copy of every payload for the driver's life.
+	d.row.Spec = nil
+	d.payloadBytes = payloadBytes(d.m)
+	e.activeBytes += d.payloadBytes
 	e.drivers.Add(1)
 	return true
 }
@@ -311,6 +327,7 @@ func (e *Engine) unregister(d *driver, final *treatyv1.Transaction) {
 	defer e.mu.Unlock()
 	if e.active[d.gid] == d {
 		delete(e.active, d.gid)
+		e.activeBytes -= d.payloadBytes
 	}
 	// Wake every waiter: with the final state when finished, empty-handed when the driver
 	// stopped for another reason (they then read the database).

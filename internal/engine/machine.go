@@ -42,7 +42,7 @@ type dispatch struct {
 // this process.
 func outcomeOf(res invoke.Result) (outcome saga.Outcome, notSent bool, msg string) {
 	if res.Err != nil {
-		msg = res.Err.Error()
+		msg = participantText(res.Err)
 		notSent = errorsIsAny(res.Err, invoke.ErrBreakerOpen, invoke.ErrNoSlot)
 	}
 	switch res.Outcome {

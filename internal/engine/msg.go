@@ -117,8 +117,12 @@ func (e *Engine) PrepareMsg(ctx context.Context, req *treatyv1.PrepareMsgRequest
 	if err := e.admit(); err != nil {
 		return SubmitResult{}, err
 	}
-	stored := proto.Clone(req).(*treatyv1.PrepareMsgRequest)
-	stored.Gid = ""
+	if err := e.admitBytes(int(payloadBytes(&msgMachine{plan: plan}))); err != nil {
+		return SubmitResult{}, err
+	}
+	// The stored spec is the request without gid: a shallow copy, not a clone, which would be
+	// one more copy of every payload. (A new request field must be added here.)
+	stored := &treatyv1.PrepareMsgRequest{Deliveries: req.Deliveries, QueryPrepared: req.QueryPrepared, Timeout: req.Timeout}
 	raw, hash, err := encodeSpec(stored)
 	if err != nil {
 		return SubmitResult{}, err

@@ -18,6 +18,9 @@ type Limits struct {
 	MaxSteps        int           // default 64
 	MaxPayloadBytes int           // per action or compensation payload; default 1 MiB
 	MaxTimeout      time.Duration // longest saga timeout accepted; default 7 days
+	// Targets, when set, decides each participant address of a submitted target (see
+	// internal/targetpolicy); a refusal is INVALID_ARGUMENT naming the call and the rule.
+	Targets interface{ Check(addr string) error }
 }
 
 // Fixed limits, part of the API contract.
@@ -187,6 +190,13 @@ func planCall(field string, c *treatyv1.Call, lim Limits) (call, error) {
 	t, err := invoke.ParseTarget(c.Target)
 	if err != nil {
 		return call{}, invalid(field+".target", "%v", err)
+	}
+	if lim.Targets != nil {
+		for _, a := range t.Addrs {
+			if err := lim.Targets.Check(a); err != nil {
+				return call{}, invalid(field+".target", "%v", err)
+			}
+		}
 	}
 	if len(c.Payload) > lim.MaxPayloadBytes {
 		return call{}, invalid(field+".payload", "is %s, limit %s", byteSize(len(c.Payload)), byteSize(lim.MaxPayloadBytes))

@@ -43,6 +43,9 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	if err := e.admit(); err != nil {
 		return SubmitResult{}, err
 	}
+	if err := e.admitBytes(int(payloadBytes(&sagaMachine{plan: plan}))); err != nil {
+		return SubmitResult{}, err
+	}
 	raw, hash, err := encodeSpec(spec)
 	if err != nil {
 		return SubmitResult{}, err

@@ -102,8 +102,12 @@ func (e *Engine) SubmitTwoPhase(ctx context.Context, req *treatyv1.Submit2PCRequ
 	if err := e.admit(); err != nil {
 		return SubmitResult{}, err
 	}
-	stored := proto.Clone(req).(*treatyv1.Submit2PCRequest)
-	stored.Gid, stored.Wait = "", nil
+	if err := e.admitBytes(int(payloadBytes(&twopcMachine{plan: plan}))); err != nil {
+		return SubmitResult{}, err
+	}
+	// The stored spec is the request without gid and wait. A shallow copy, not a clone: a clone
+	// would be one more copy of every payload. (A new request field must be added here.)
+	stored := &treatyv1.Submit2PCRequest{Branches: req.Branches, Timeout: req.Timeout}
 	raw, hash, err := encodeSpec(stored)
 	if err != nil {
 		return SubmitResult{}, err

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/engine"
@@ -270,7 +271,12 @@ func toStatus(err error) error {
 	case errors.Is(err, engine.ErrStopping):
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, engine.ErrOverloaded):
-		return status.Error(codes.ResourceExhausted, err.Error())
+		// Nothing was written: the client may come back, and RetryInfo says when.
+		st := status.New(codes.ResourceExhausted, err.Error())
+		if d, e := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(engine.OverloadRetryAfter)}); e == nil {
+			st = d
+		}
+		return st.Err()
 	case errors.Is(err, context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, err.Error())
 	case errors.Is(err, context.Canceled):
