@@ -213,7 +213,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
 		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS, MaxRequestBytes: c.maxRequest,
 		AllowFaultInjection: c.allowFaults,
-		AllowTargets: targetpolicy.ParsePatterns(c.allowTargets),
+		AllowTargets:        targetpolicy.ParsePatterns(c.allowTargets),
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
 			MaxActive: c.maxActive, MaxActiveBytes: c.maxActiveBytes, OperatorThreshold: c.threshold,
