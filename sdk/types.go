@@ -52,18 +52,35 @@ func (c Call) proto() *treatyv1.Call {
 	return &treatyv1.Call{Target: c.Target, Payload: c.Payload}
 }
 
-// Retry is a retry policy. Zero fields take the coordinator's defaults.
+// Retry is a step's retry policy after a transient failure (any answer but OK and ABORTED: the
+// participant is down, restarting, timed out). ABORTED is never retried: the saga turns back.
+// A nil *Retry, or a zero field, takes the coordinator's default (`coordinator serve --help`).
+//
+// The coordinator's defaults ride out a participant's restart or rolling deploy: the action is
+// retried for 5 minutes (--forward-retry-window) after its first transient failure, with backoff
+// from 100ms doubling to at most 1s and half of each delay random, never past the saga's
+// timeout; then the saga compensates, and its history says why. Compensations never give up.
 type Retry struct {
-	MaxAttempts    int // forward saga steps only; undo calls never give up
+	// MaxAttempts limits the action's attempts (1..1000). Set alone, it replaces the default
+	// window: the step gives up after that many attempts however quickly they fail. Undo
+	// calls never give up.
+	MaxAttempts int
+	// InitialBackoff is the delay before the second attempt (default 100ms); it doubles with
+	// each attempt, half of it random.
 	InitialBackoff time.Duration
-	MaxBackoff     time.Duration
+	// MaxBackoff caps the delay (default 1s, or InitialBackoff if larger).
+	MaxBackoff time.Duration
+	// Window is how long the action is retried after its first transient failure (default 5m;
+	// the saga's timeout ends it earlier). With MaxAttempts too, whichever ends first wins.
+	Window time.Duration
 }
 
 func (r *Retry) proto() *treatyv1.RetryPolicy {
 	if r == nil {
 		return nil
 	}
-	return &treatyv1.RetryPolicy{MaxAttempts: int32(r.MaxAttempts), InitialBackoff: durationOrNil(r.InitialBackoff), MaxBackoff: durationOrNil(r.MaxBackoff)}
+	return &treatyv1.RetryPolicy{MaxAttempts: int32(r.MaxAttempts), InitialBackoff: durationOrNil(r.InitialBackoff),
+		MaxBackoff: durationOrNil(r.MaxBackoff), RetryWindow: durationOrNil(r.Window)}
 }
 
 func durationOrNil(d time.Duration) *durationpb.Duration {

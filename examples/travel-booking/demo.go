@@ -242,6 +242,9 @@ func (d *demo) printSetup() {
 	if d.cfg.fail != "" {
 		d.say("  --fail %s: the %s service refuses every booking, so every trip must be rolled back.", d.cfg.fail, d.cfg.fail)
 	}
+	if d.cfg.restart != "" {
+		d.say("  --restart %s: the %s service is stopped during the last booking and back %s later.", d.cfg.restart, d.cfg.restart, d.cfg.restartAfter)
+	}
 	if d.cfg.chaos > 0 {
 		d.say("  --chaos %g: that fraction of participant calls fails transiently (half of them after committing).", d.cfg.chaos)
 	}
@@ -260,7 +263,8 @@ func (d *demo) service(name string) *service {
 // registerWorkflow registers book-trip: reserve car, hotel, flight, each compensated by its
 // cancellation. The definition's requests are empty; each run passes the trip's as inputs.
 func (d *demo) registerWorkflow(ctx context.Context) error {
-	retry := &sdk.Retry{MaxAttempts: 60, InitialBackoff: 20 * time.Millisecond, MaxBackoff: 300 * time.Millisecond}
+	// No attempt limit: the coordinator's default window (5m) rides out a service restart.
+	retry := &sdk.Retry{InitialBackoff: 20 * time.Millisecond, MaxBackoff: 300 * time.Millisecond}
 	car, hotel, flight := d.service("car").Addr(), d.service("hotel").Addr(), d.service("flight").Addr()
 	v, err := d.client.RegisterWorkflow(ctx, sdk.Workflow{Name: WorkflowName, Timeout: 5 * time.Minute, Steps: []sdk.Step{
 		{Name: "car", Retry: retry,

@@ -24,11 +24,14 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // config is the command line.
 type config struct {
 	db, brokers, stateDir, fail string
+	restart                     string
+	restartAfter                time.Duration
 	chaos                       float64
 	trips, concurrency          int
 	seed                        uint64
@@ -59,6 +62,8 @@ It exits 0 when every outcome is as expected, 1 otherwise. The last line it prin
 	fs.StringVar(&cfg.brokers, "brokers", os.Getenv("TRAVEL_BROKERS"), "Kafka bootstrap addresses, comma-separated, instead of the embedded broker (TRAVEL_BROKERS)")
 	fs.StringVar(&cfg.stateDir, "state-dir", "", "directory for the SQLite files (new or empty; kept after the run); default a temporary directory, removed at exit")
 	fs.StringVar(&cfg.fail, "fail", "", "flight, hotel or car: that service refuses every booking, so every trip is rolled back")
+	fs.StringVar(&cfg.restart, "restart", "", "flight, hotel or car: after the story, that service is stopped as a trip is booked and started again --restart-after later; the trip still books")
+	fs.DurationVar(&cfg.restartAfter, "restart-after", 5*time.Second, "how long the --restart service stays down (up to 4m: the coordinator retries a step for 5m by default)")
 	fs.Float64Var(&cfg.chaos, "chaos", 0, "fraction (0 to 1) of participant calls that fail transiently; outcomes must not change")
 	fs.IntVar(&cfg.trips, "trips", 0, "instead of the story, book this many random trips concurrently (a third as TCC) and print a summary")
 	fs.IntVar(&cfg.concurrency, "concurrency", 32, "trips in flight at once with --trips")
@@ -92,6 +97,17 @@ func (c *config) validate() error {
 	case "", "flight", "hotel", "car":
 	default:
 		return fmt.Errorf("--fail %q: want flight, hotel or car", c.fail)
+	}
+	switch c.restart {
+	case "", "flight", "hotel", "car":
+	default:
+		return fmt.Errorf("--restart %q: want flight, hotel or car", c.restart)
+	}
+	if c.restart != "" && c.trips > 0 {
+		return fmt.Errorf("--restart tells a story of one trip; it does not combine with --trips")
+	}
+	if c.restartAfter <= 0 || c.restartAfter > 4*time.Minute {
+		return fmt.Errorf("--restart-after %s: want more than 0 and at most 4m (the coordinator's default retry window is 5m)", c.restartAfter)
 	}
 	if c.chaos < 0 || c.chaos >= 1 {
 		return fmt.Errorf("--chaos %g: want a fraction in [0, 1)", c.chaos)

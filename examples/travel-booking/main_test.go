@@ -301,6 +301,33 @@ func TestFailEmbedded(t *testing.T) {
 	}
 }
 
+// --restart hotel: the hotel service is stopped as a trip is booked and started again seconds
+// later, much longer than the old five attempts lasted; the trip still books, nothing compensated.
+func TestRestartEmbedded(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	code, stdout, stderr := runDemo(t, "--state-dir", dir, "--restart", "hotel", "--restart-after", "4s")
+	require.Zero(t, code, "stdout:\n%s\nstderr:\n%s", stdout, stderr)
+	for _, want := range []string{"6. A service restarts during a booking.", "The hotel service stops", "retrying until ",
+		"The hotel service is back after 4", "The coordinator reached it"} {
+		require.Contains(t, stdout, want)
+	}
+	require.NotContains(t, stdout, "UNEXPECTED")
+	s := summaryOf(t, stdout)
+	require.Len(t, s.Trips, 6)
+	require.Equal(t, "booked", s.Trips[5].Outcome, "the trip booked across the restart")
+	b := sqliteBooks(t, dir)
+	requireConsistent(t, s, b)
+	require.Equal(t, 4, b.taken["hotel"]["Harbour Hotel"], "one room for the restarted booking, none compensated")
+
+	code, _, stderr = runDemo(t, "--restart", "train")
+	require.Equal(t, 2, code)
+	require.Contains(t, stderr, `--restart "train": want flight, hotel or car`)
+	code, _, stderr = runDemo(t, "--restart", "car", "--trips", "3")
+	require.Equal(t, 2, code)
+	require.Contains(t, stderr, "does not combine with --trips")
+}
+
 // --db: the same story with the coordinator, the services and the consumer on PostgreSQL
 // (schemas travel_*), the PostgreSQL barrier, outbox and relay.
 func TestStoryPostgres(t *testing.T) {

@@ -244,9 +244,80 @@ func (d *demo) story(ctx context.Context) error {
 
 	katherine := d.newTrip(5, "tcc", "Katherine Johnson", "TB101", 1, "Harbour Hotel", 2, "suv-KEF", 2)
 	katherine.Expected = outcomeRolledBack
-	return chapter(katherine, "5. A TCC trip that cannot be completed.",
+	if err := chapter(katherine, "5. A TCC trip that cannot be completed.",
 		"Katherine's booking holds a seat and a room, but no SUV is left: the coordinator cancels, and the holds are released.",
-		func() error { d.book(ctx, katherine); return nil })
+		func() error { d.book(ctx, katherine); return nil }); err != nil {
+		return err
+	}
+	if d.cfg.restart == "" {
+		return nil
+	}
+
+	hedy := d.newTrip(6, "saga", "Hedy Lamarr", "TB101", 1, "Harbour Hotel", 2, "compact-KEF", 2)
+	return chapter(hedy, "6. A service restarts during a booking.",
+		fmt.Sprintf("Hedy books while the %s service is redeployed: it stops as her booking starts and is back %s later.", d.cfg.restart, d.cfg.restartAfter),
+		func() error { return d.restartDuring(ctx, hedy) })
+}
+
+// restartDuring books t while the --restart service is down: stopped before the booking starts,
+// started again on the same address --restart-after later. The coordinator's default policy
+// retries the step for minutes, so the trip books, with nothing compensated.
+func (d *demo) restartDuring(ctx context.Context, t *trip) error {
+	name := d.cfg.restart
+	svc := d.service(name)
+	if err := svc.stop(ctx); err != nil {
+		return fmt.Errorf("stop the %s service: %w", name, err)
+	}
+	down := time.Now()
+	d.say("   The %s service stops: its address refuses connections.", name)
+	if _, err := d.bookSaga(ctx, t, -1); err != nil {
+		return fmt.Errorf("start %s: %w", t.GID, err)
+	}
+	attempts, plan := 0, ""
+	err := poll(ctx, time.Minute, func() (bool, error) {
+		tx, err := d.client.Get(ctx, t.GID)
+		if err != nil {
+			return false, err
+		}
+		for _, b := range tx.Raw.Branches {
+			if b.Name == name && b.Op == "action" {
+				attempts = int(b.Attempts)
+			}
+		}
+		for _, e := range tx.Raw.Events {
+			if e.Kind == "branch_retry" && e.Branch == name {
+				plan = e.Detail
+			}
+		}
+		return attempts >= 2 || tx.Terminal(), nil
+	})
+	if err != nil {
+		return fmt.Errorf("%s: waiting for the coordinator to retry the %s service: %w", t.GID, name, err)
+	}
+	if i := strings.Index(plan, "retrying until "); i >= 0 {
+		plan = plan[i:]
+	}
+	d.say("   The coordinator retries the %s step (%d attempts so far): %s.", name, attempts, plan)
+	select {
+	case <-time.After(time.Until(down.Add(d.cfg.restartAfter))):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := svc.start(ctx); err != nil {
+		return fmt.Errorf("restart the %s service: %w", name, err)
+	}
+	back := time.Now()
+	d.say("   The %s service is back after %s, on the same address, from its database.", name, back.Sub(down).Round(100*time.Millisecond))
+	d.settle(ctx, t, nil)
+	// The waited-for answer carries no history; the record does.
+	if tx, err := d.client.Get(ctx, t.GID); err == nil && tx.Raw != nil {
+		for _, e := range tx.Raw.Events {
+			if e.Kind == "branch_succeeded" && e.Branch == name && e.Op == "action" && e.At != nil {
+				d.say("   The coordinator reached it %s after its return.", e.At.AsTime().Sub(back).Round(10*time.Millisecond))
+			}
+		}
+	}
+	return nil
 }
 
 // crashHotel books t while the hotel service crashes right after committing t's room, waits

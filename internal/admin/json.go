@@ -51,6 +51,10 @@ type Branch struct {
 	Attempts  int        `json:"attempts"`
 	LastError string     `json:"last_error,omitempty"`
 	UpdatedAt *time.Time `json:"updated_at,omitempty"`
+	// NextAttemptAt and WaitingReason are set while the branch waits to be called again: when,
+	// and why (its last failure, or calls held back by an open circuit breaker).
+	NextAttemptAt *time.Time `json:"next_attempt_at,omitempty"`
+	WaitingReason string     `json:"waiting_reason,omitempty"`
 }
 
 // Event is one entry of a transaction's history.
@@ -172,6 +176,7 @@ func transactionJSON(t *treatyv1.Transaction) Transaction {
 		out.Branches = append(out.Branches, Branch{
 			Name: b.Name, Op: b.Op, Status: enumWord(b.Status.String(), "BRANCH_STATUS_"),
 			Attempts: int(b.Attempts), LastError: b.LastError, UpdatedAt: timeOf(b.UpdatedAt),
+			NextAttemptAt: timeOf(b.NextAttemptAt), WaitingReason: b.WaitingReason,
 		})
 	}
 	for _, e := range t.Events {

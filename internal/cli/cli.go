@@ -21,6 +21,7 @@ import (
 	"github.com/treatyhq/treaty/internal/admin"
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store/postgres"
 	"github.com/treatyhq/treaty/internal/targetpolicy"
 	"github.com/treatyhq/treaty/internal/tracing"
@@ -161,6 +162,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.String(&c.httpListen, "http-listen", ":7601", "address of /metrics, /healthz, /readyz, the admin API (/admin/v1) and the dashboard (/ui) (empty: off)")
 	f.String(&c.adminTokensFile, "admin-tokens-file", "", adminTokensUsage)
 	sec := addSecurityFlags(f)
+	retry := addRetryFlags(f)
 	f.String(&c.owner, "owner", "", "replica id used in leases (default host-pid-random)")
 	f.Duration(&c.lease, "lease", 10*time.Second, "how long a replica owns a transaction without renewing; a dead replica's work resumes elsewhere after this")
 	f.Duration(&c.recovery, "recovery-interval", time.Second, "how often to look for due work (retries, expired leases)")
@@ -209,14 +211,19 @@ func serve(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
+	retryDefaults, breaker, err := retry.build()
+	if err != nil {
+		return err
+	}
 	a, err := app.Start(ctx, app.Config{
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
 		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS, MaxRequestBytes: c.maxRequest,
 		AllowFaultInjection: c.allowFaults,
 		AllowTargets:        targetpolicy.ParsePatterns(c.allowTargets),
+		Invoke:              invoke.Config{Breaker: breaker},
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
-			MaxActive: c.maxActive, MaxActiveBytes: c.maxActiveBytes, OperatorThreshold: c.threshold,
+			MaxActive: c.maxActive, MaxActiveBytes: c.maxActiveBytes, OperatorThreshold: c.threshold, Retry: retryDefaults,
 			Limits:     engine.Limits{MaxSteps: c.maxSteps, MaxPayloadBytes: c.maxPayload},
 			CrashPoint: crash,
 			Jobs:       engine.JobsConfig{Interval: c.reconcile, StuckAfter: c.stuckAfter, Retention: c.retention},

@@ -62,6 +62,8 @@ type Config struct {
 	CommitWorkers int
 	// Limits bound requests.
 	Limits Limits
+	// Retry is the default retry policy of saga steps (see RetryDefaults).
+	Retry RetryDefaults
 
 	// Observer receives metrics events; nil = none.
 	Observer Observer
@@ -154,6 +156,10 @@ func (c *Config) setDefaults() error {
 		c.CommitWorkers = 4
 	}
 	c.Limits = c.Limits.withDefaults()
+	if err := c.Retry.Validate(); err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	c.Retry = c.Retry.withDefaults()
 	c.Jobs.setDefaults()
 	if c.Now == nil {
 		c.Now = time.Now

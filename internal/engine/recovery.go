@@ -84,7 +84,7 @@ func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) 
 		if err := proto.Unmarshal(t.Spec, &spec); err != nil {
 			return nil, fmt.Errorf("decode stored spec: %w", err)
 		}
-		plan, err := planSaga(&spec, recoveryLimits)
+		plan, err := planSaga(&spec, recoveryLimits, e.cfg.Retry)
 		if err != nil {
 			return nil, fmt.Errorf("stored spec no longer valid: %w", err)
 		}

@@ -55,6 +55,9 @@ func (m *sagaMachine) apply(d dispatch, res invoke.Result, at time.Time, jitter 
 	}
 	outcome, notSent, msg := outcomeOf(res)
 	r.Outcome, r.NotSent, r.Err = outcome, notSent, msg
+	if notSent {
+		r.RetryAfter = res.RetryAfter
+	}
 	var evs []saga.Event
 	m.state, evs = saga.Apply(m.spec, m.state, r)
 	return sagaEvents(evs)

@@ -36,11 +36,11 @@ const (
 	DefaultMaxPayloadBytes = 1 << 20
 	DefaultMaxTimeout      = 7 * 24 * time.Hour
 	DefaultSagaTimeout     = time.Hour
-	DefaultMaxAttempts     = 5
-	DefaultInitialBackoff  = 100 * time.Millisecond
-	DefaultMaxBackoff      = 10 * time.Second
-	DefaultCallTimeout     = 5 * time.Second
-	MaxCallTimeout         = 5 * time.Minute
+	// Backoff of TCC, 2PC and message calls (sagas take RetryDefaults).
+	DefaultInitialBackoff = 100 * time.Millisecond
+	DefaultMaxBackoff     = 10 * time.Second
+	DefaultCallTimeout    = 5 * time.Second
+	MaxCallTimeout        = 5 * time.Minute
 )
 
 func (l Limits) withDefaults() Limits {
@@ -110,7 +110,7 @@ func durationField(field string, d interface{ AsDuration() time.Duration }, isNi
 }
 
 // planSaga validates a submitted saga spec against the limits and applies defaults.
-func planSaga(spec *treatyv1.SagaSpec, lim Limits) (*sagaPlan, error) {
+func planSaga(spec *treatyv1.SagaSpec, lim Limits, rd RetryDefaults) (*sagaPlan, error) {
 	if spec == nil || len(spec.Steps) == 0 {
 		return nil, invalid("saga.steps", "at least one step is required")
 	}
@@ -148,27 +148,12 @@ func planSaga(spec *treatyv1.SagaSpec, lim Limits) (*sagaPlan, error) {
 		if st.callTimeout, err = durationField(f+".call_timeout", s.CallTimeout, s.CallTimeout == nil, DefaultCallTimeout, MaxCallTimeout); err != nil {
 			return nil, err
 		}
-		pol := saga.Step{Name: s.Name, DependsOn: s.DependsOn, MaxAttempts: DefaultMaxAttempts,
-			InitialBackoff: DefaultInitialBackoff, MaxBackoff: DefaultMaxBackoff}
-		if r := s.Retry; r != nil {
-			if r.MaxAttempts < 0 || r.MaxAttempts > MaxAttemptsLimit {
-				return nil, invalid(f+".retry.max_attempts", "is %d, must be within 0..%d (0 = default %d)", r.MaxAttempts, MaxAttemptsLimit, DefaultMaxAttempts)
-			}
-			if r.MaxAttempts > 0 {
-				pol.MaxAttempts = int(r.MaxAttempts)
-			}
-			if pol.InitialBackoff, err = durationField(f+".retry.initial_backoff", r.InitialBackoff, r.InitialBackoff == nil, DefaultInitialBackoff, time.Hour); err != nil {
-				return nil, err
-			}
-			if pol.MaxBackoff, err = durationField(f+".retry.max_backoff", r.MaxBackoff, r.MaxBackoff == nil, DefaultMaxBackoff, 24*time.Hour); err != nil {
-				return nil, err
-			}
-			if pol.MaxBackoff < pol.InitialBackoff {
-				return nil, invalid(f+".retry.max_backoff", "%s is below initial_backoff %s", pol.MaxBackoff, pol.InitialBackoff)
-			}
+		pol, err := stepPolicy(f, s, rd)
+		if err != nil {
+			return nil, err
 		}
-		p.steps = append(p.steps, st)
 		p.policy = append(p.policy, pol)
+		p.steps = append(p.steps, st)
 	}
 	for i, s := range spec.Steps {
 		for _, d := range s.DependsOn {

@@ -36,7 +36,7 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	if err != nil {
 		return SubmitResult{}, err
 	}
-	plan, err := planSaga(spec, e.cfg.Limits)
+	plan, err := planSaga(spec, e.cfg.Limits, e.cfg.Retry)
 	if err != nil {
 		return SubmitResult{}, err
 	}
@@ -236,6 +236,7 @@ func toProto(t store.Transaction, bs []store.Branch, evs []store.Event) *treatyv
 			Name: b.Branch, Op: b.Op, Status: branchStatusToProto[b.Status],
 			Attempts: int32(b.Attempts), LastError: b.LastError, UpdatedAt: ts(b.UpdatedAt),
 		})
+		waitingBranch(out.Branches[len(out.Branches)-1], b)
 	}
 	for _, ev := range evs {
 		out.Events = append(out.Events, &treatyv1.Event{

@@ -19,7 +19,7 @@ func (e *Engine) RegisterWorkflow(ctx context.Context, name string, spec *treaty
 	if err := validateWorkflowName(name); err != nil {
 		return nil, false, err
 	}
-	if _, err := planSaga(spec, e.cfg.Limits); err != nil {
+	if _, err := planSaga(spec, e.cfg.Limits, e.cfg.Retry); err != nil {
 		return nil, false, err
 	}
 	raw, hash, err := encodeSpec(spec)

@@ -18,6 +18,15 @@
 // else, including local failures such as an open breaker, no concurrency slot before the
 // deadline, an invalid target or a closed Invoker: the call may or may not have taken effect and
 // is retried by the engine).
+//
+// # A participant that comes back
+//
+// A restarted participant is reached within about a second of its return: the reconnect backoff
+// is capped at 1s, and a call that finds its connection failing (TRANSIENT_FAILURE) resets that
+// backoff, so a new connection is attempted at once, and waits up to a second (within its own
+// timeout) for it instead of failing with the last connection error. An open breaker
+// refuses calls without sending them (they are not attempts) and says when it will let a trial
+// call through (Result.RetryAfter); that trial call follows the same rule.
 package invoke
 
 import (
@@ -27,12 +36,14 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sony/gobreaker/v2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/resolver"
@@ -97,6 +108,9 @@ type Result struct {
 	Err      error
 	Response []byte        // raw response bytes when OK (nil when the response was empty)
 	Duration time.Duration // from entering Call to its return, slot wait included
+	// RetryAfter, for a call refused by an open breaker, is how long until the breaker lets a
+	// trial call through; 0 otherwise.
+	RetryAfter time.Duration
 }
 
 // Errors wrapped by local failures, for errors.Is.
@@ -111,10 +125,11 @@ var (
 // BreakerConfig tunes the circuit breaker each endpoint has. Zero values mean the defaults.
 type BreakerConfig struct {
 	// FailureThreshold is the number of consecutive transient failures that opens the breaker.
-	// 0 = 5.
+	// 0 = DefaultBreakerFailures (5).
 	FailureThreshold uint32
 	// OpenTimeout is how long an open breaker fails calls fast before it lets trial calls
-	// through (half-open). 0 = 2s.
+	// through (half-open). 0 = DefaultBreakerOpenTimeout (1s): a participant that is back is
+	// reached within about that.
 	OpenTimeout time.Duration
 	// HalfOpenCalls is the number of trial calls let through while half-open; that many
 	// successes close the breaker, one failure opens it again. 0 = 1.
@@ -133,7 +148,7 @@ type Config struct {
 	// Breaker tunes the per-endpoint circuit breaker.
 	Breaker BreakerConfig
 	// DialOptions are added to every connection after the defaults (insecure credentials,
-	// round-robin balancing, a reconnect backoff capped at 5s), so they can override them.
+	// round-robin balancing, a reconnect backoff capped at 1s), so they can override them.
 	DialOptions []grpc.DialOption
 	// TransportFor, if set, returns extra dial options (credentials, for per-target TLS) for an
 	// endpoint's address list; they come after DialOptions. It is called once per endpoint,
@@ -145,8 +160,8 @@ type Config struct {
 const (
 	defaultTimeout       = 5 * time.Second
 	defaultMaxConcurrent = 64
-	defaultFailures      = 5
-	defaultOpenTimeout   = 2 * time.Second
+	defaultFailures      = DefaultBreakerFailures
+	defaultOpenTimeout   = DefaultBreakerOpenTimeout
 
 	// The manual resolver's scheme. It lives only in each connection's own resolver list
 	// (grpc.WithResolvers), never in the global registry.
@@ -154,8 +169,16 @@ const (
 	// round_robin spreads calls over all addresses of a target instead of pinning the first.
 	serviceConfig = `{"loadBalancingConfig":[{"round_robin":{}}]}`
 	// gRPC's default reconnect backoff grows to 120s, which would keep failing calls long after
-	// a participant came back; the breaker already sheds load while it is down.
-	maxReconnectBackoff = 5 * time.Second
+	// a participant came back. Capped at 1s, a participant that is back is reached within about
+	// a second; a failed dial to a loopback or LAN address costs little, and the breaker sheds
+	// the calls themselves while it is down.
+	maxReconnectBackoff = time.Second
+)
+
+// Breaker defaults, for documentation and flags.
+const (
+	DefaultBreakerFailures    = 5
+	DefaultBreakerOpenTimeout = time.Second
 )
 
 // Invoker makes dynamic gRPC calls. It is safe for concurrent use; create one per process and
@@ -186,6 +209,8 @@ type endpoint struct {
 	conn    *grpc.ClientConn
 	breaker *gobreaker.TwoStepCircuitBreaker[struct{}]
 	slots   chan struct{} // a buffered channel as a counting semaphore
+	// openUntil is when the breaker, if open, lets a trial call through (unix nanoseconds).
+	openUntil atomic.Int64
 }
 
 // New returns an Invoker. It dials nothing: connections are made on first use.
@@ -256,9 +281,14 @@ func (i *Invoker) Call(ctx context.Context, req Request) (res Result) {
 
 	done, err := ep.breaker.Allow()
 	if err != nil {
-		// Open, or half-open with all its trial calls already in flight.
-		return failure(codes.Unavailable, fmt.Errorf("%w: the breaker for target %s is %s, failing fast",
+		// Open, or half-open with all its trial calls already in flight. Not sent: the engine
+		// comes back when a trial call may go through.
+		res := failure(codes.Unavailable, fmt.Errorf("%w: the breaker for target %s is %s, failing fast",
 			ErrBreakerOpen, ep.key, ep.breaker.State()))
+		if errors.Is(err, gobreaker.ErrOpenState) {
+			res.RetryAfter = max(0, time.Until(time.Unix(0, ep.openUntil.Load())))
+		}
+		return res
 	}
 	// Every Allow must be answered, or a half-open breaker would wait forever for its trial
 	// call; the verdict stays "excluded" on any path that says nothing about the participant.
@@ -286,6 +316,7 @@ func (i *Invoker) Call(ctx context.Context, req Request) (res Result) {
 		MetadataOp, req.Metadata.Op,
 		MetadataMode, req.Metadata.Mode,
 	)
+	ep.redialIfFailing(callCtx)
 	var resp []byte
 	err = ep.conn.Invoke(callCtx, rt.method, req.Payload, &resp, grpc.ForceCodecV2(RawCodec{}))
 	if err == nil {
@@ -427,6 +458,8 @@ func (i *Invoker) newEndpoint(key string, addrs []string) (*endpoint, error) {
 	}
 
 	logger := i.logger.With("endpoint", key)
+	ep := &endpoint{key: key, conn: conn, slots: make(chan struct{}, i.maxConcurrent)}
+	openTimeout := i.breaker.OpenTimeout
 	threshold := i.breaker.FailureThreshold
 	breaker := gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        key,
@@ -438,18 +471,38 @@ func (i *Invoker) newEndpoint(key string, addrs []string) (*endpoint, error) {
 			level := slog.LevelInfo
 			if to == gobreaker.StateOpen {
 				level = slog.LevelWarn
+				// Called under the breaker's lock as it opens, so this matches its expiry.
+				ep.openUntil.Store(time.Now().Add(openTimeout).UnixNano())
 			}
 			logger.Log(context.Background(), level, "invoke: circuit breaker state changed",
 				"from", from.String(), "to", to.String())
 		},
 	})
 	logger.Debug("invoke: new endpoint", "addrs", addrs)
-	return &endpoint{
-		key:     key,
-		conn:    conn,
-		breaker: breaker,
-		slots:   make(chan struct{}, i.maxConcurrent),
-	}, nil
+	ep.breaker = breaker
+	return ep, nil
+}
+
+// redialWait bounds how long a call waits for a fresh connection when it found the last one
+// failed: long enough for a dial to a participant that is back, short enough that a call to one
+// that is still down fails in about a second (within the call's own timeout).
+const redialWait = time.Second
+
+// redialIfFailing makes a call that finds its connection in TRANSIENT_FAILURE dial again at once
+// and wait up to redialWait for it. Without this the call would fail straight away with the last
+// dial error until the reconnect backoff ends, although the participant may be back already.
+// If the connection is not ready by then, the call goes on and fails with the newest error.
+func (ep *endpoint) redialIfFailing(ctx context.Context) {
+	state := ep.conn.GetState()
+	if state != connectivity.TransientFailure {
+		return // ready, or connecting (a call waits for that by itself), or idle (a call dials)
+	}
+	ep.conn.ResetConnectBackoff()
+	ctx, cancel := context.WithTimeout(ctx, redialWait)
+	defer cancel()
+	for state != connectivity.Ready && ep.conn.WaitForStateChange(ctx, state) {
+		state = ep.conn.GetState()
+	}
 }
 
 // Breaker verdicts: a nil error counts as a success.

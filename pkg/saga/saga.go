@@ -7,8 +7,8 @@
 // Steps run in the order given, or, when any step names dependencies, as soon as every step it
 // depends on has succeeded. An OK outcome completes a step. ABORTED is the participant's business
 // refusal: forward progress stops and the saga compensates. Any other outcome is transient and the
-// call is retried with exponential backoff and jitter; a forward step that exhausts its attempts,
-// or a saga that passes its deadline, compensates too.
+// call is retried with exponential backoff and jitter; a forward step that exhausts its attempts
+// or its retry window, or a saga that passes its deadline, compensates too.
 //
 // Compensation undoes every step that ran or may have run (including one whose outcome is
 // unknown), in reverse dependency order: a step is compensated only after every step that depends
@@ -88,9 +88,13 @@ const (
 type Step struct {
 	Name           string
 	DependsOn      []string
-	MaxAttempts    int           // forward attempts before giving up; >= 1
+	MaxAttempts    int           // forward attempts before giving up; 0 = no limit (RetryWindow decides)
 	InitialBackoff time.Duration // > 0
 	MaxBackoff     time.Duration // >= InitialBackoff
+	// RetryWindow is how long transient failures of the forward action are retried, from its
+	// first transient failure; never past the saga's deadline. 0 = no window (MaxAttempts
+	// decides). At least one of MaxAttempts and RetryWindow is set.
+	RetryWindow time.Duration
 }
 
 // Spec is what the state machine needs to know about a saga.
@@ -108,6 +112,10 @@ type Branch struct {
 	Attempts  int
 	LastError string
 	NextAt    time.Time // earliest next attempt after a transient failure
+	// RetryUntil is when a forward action's retry window ends (zero: no window, or no transient
+	// failure yet). Kept in memory only: a state recovered after a crash starts its window again
+	// at its next failure, which the deadline still bounds.
+	RetryUntil time.Time
 
 	// InFlight is true between dispatch and result; never persisted (a call in flight when
 	// the process dies is as good as a transient failure).
@@ -159,6 +167,9 @@ type Result struct {
 	// or no concurrency slot was free): it is not an attempt, it cannot have taken effect, and
 	// it is tried again after a backoff without counting toward any limit.
 	NotSent bool
+	// RetryAfter, for a call not sent, is how long until it can be sent (an open breaker's
+	// remaining time); 0 = unknown, back off as usual.
+	RetryAfter time.Duration
 }
 
 // Validate checks a spec's structure: unique names, known and acyclic dependencies, policies.
@@ -175,8 +186,8 @@ func Validate(spec Spec) error {
 			return fmt.Errorf("steps[%d].name: %q duplicates steps[%d]", i, s.Name, j)
 		}
 		idx[s.Name] = i
-		if s.MaxAttempts < 1 {
-			return fmt.Errorf("steps[%d] %q: max_attempts must be >= 1", i, s.Name)
+		if s.MaxAttempts < 0 || s.RetryWindow < 0 || (s.MaxAttempts == 0 && s.RetryWindow == 0) {
+			return fmt.Errorf("steps[%d] %q: needs max_attempts >= 1 or a retry window > 0", i, s.Name)
 		}
 		if s.InitialBackoff <= 0 || s.MaxBackoff < s.InitialBackoff {
 			return fmt.Errorf("steps[%d] %q: backoff must satisfy 0 < initial <= max", i, s.Name)
@@ -522,7 +533,13 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 		if b.Attempts == 0 && !b.Uncertain {
 			b.Status = StatusPending
 		}
-		b.NextAt = r.At.Add(Backoff(step.InitialBackoff, step.MaxBackoff, b.Attempts+1, r.Jitter))
+		delay := Backoff(step.InitialBackoff, step.MaxBackoff, b.Attempts+1, r.Jitter)
+		if r.RetryAfter > 0 {
+			// Come back when the call can be sent; a little jitter spreads the sagas waiting
+			// for the same breaker.
+			delay = r.RetryAfter + time.Duration(float64(step.InitialBackoff)*r.Jitter)
+		}
+		b.NextAt = r.At.Add(delay)
 		return s, nil
 	}
 	var events []Event
@@ -550,15 +567,24 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 				ev("branch_failed", r.Err)
 				break
 			}
-			if b.Attempts >= step.MaxAttempts {
+			if step.RetryWindow > 0 && b.RetryUntil.IsZero() {
+				b.RetryUntil = r.At.Add(step.RetryWindow)
+				if !spec.Deadline.IsZero() && spec.Deadline.Before(b.RetryUntil) {
+					b.RetryUntil = spec.Deadline
+				}
+			}
+			if why := exhausted(step, *b, r.At); why != "" {
 				b.Status = StatusFailed
-				ev("branch_exhausted", fmt.Sprintf("%d attempts: %s", b.Attempts, r.Err))
-				events = append(events, s.turnBack(fmt.Sprintf("step %q failed %d times: %s", name, b.Attempts, r.Err))...)
+				ev("branch_exhausted", fmt.Sprintf("%s: %s", why, r.Err))
+				events = append(events, s.turnBack(fmt.Sprintf("step %q failed %s: %s", name, why, r.Err))...)
 				break
 			}
 			b.Status = StatusUnknown
 			b.NextAt = r.At.Add(Backoff(step.InitialBackoff, step.MaxBackoff, b.Attempts, r.Jitter))
-			ev("branch_retry", fmt.Sprintf("attempt %d: %s", b.Attempts, r.Err))
+			if !b.RetryUntil.IsZero() && b.NextAt.After(b.RetryUntil) {
+				b.NextAt = b.RetryUntil // one last attempt as the window closes
+			}
+			ev("branch_retry", fmt.Sprintf("attempt %d: %s; %s", b.Attempts, r.Err, retryPlan(step, *b)))
 		}
 	case OpCompensate:
 		switch r.Outcome {
@@ -577,6 +603,32 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 	}
 	return s, events
 }
+
+// exhausted says why a forward action that just failed transiently gives up, or "" to retry.
+func exhausted(step Step, b Branch, at time.Time) string {
+	if step.MaxAttempts > 0 && b.Attempts >= step.MaxAttempts {
+		return fmt.Sprintf("%d times (max_attempts %d)", b.Attempts, step.MaxAttempts)
+	}
+	if !b.RetryUntil.IsZero() && !at.Before(b.RetryUntil) {
+		return fmt.Sprintf("%d times, retry window %s ended %s", b.Attempts, step.RetryWindow, clock(b.RetryUntil))
+	}
+	return ""
+}
+
+// retryPlan tells, for the history, until when and how often a forward action is retried.
+func retryPlan(step Step, b Branch) string {
+	next := "next attempt " + clock(b.NextAt)
+	switch {
+	case !b.RetryUntil.IsZero() && step.MaxAttempts > 0:
+		return fmt.Sprintf("retrying until %s or attempt %d, %s", clock(b.RetryUntil), step.MaxAttempts, next)
+	case !b.RetryUntil.IsZero():
+		return fmt.Sprintf("retrying until %s, %s", clock(b.RetryUntil), next)
+	}
+	return fmt.Sprintf("retrying up to attempt %d, %s", step.MaxAttempts, next)
+}
+
+// clock renders an instant for the history: UTC, to the millisecond.
+func clock(t time.Time) string { return t.UTC().Format("15:04:05.000Z") }
 
 // InFlight reports whether any call is outstanding.
 func (s State) InFlight() bool {

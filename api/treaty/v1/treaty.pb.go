@@ -266,15 +266,32 @@ func (x *Call) GetPayload() []byte {
 	return nil
 }
 
+// RetryPolicy says how a step's calls are retried after a transient failure (any answer but OK
+// and ABORTED: the participant is down, restarting, timed out, overloaded). ABORTED is never
+// retried. Fields left empty take the coordinator's defaults (`coordinator serve --help`).
+//
+// The default forward policy rides out a participant's restart or rolling deploy: a forward
+// action is retried with exponential backoff (100ms doubling, capped at 1s, half of each delay
+// random) until the retry window (default 5m, --forward-retry-window) has passed since its first
+// transient failure, never past the transaction's deadline; then the saga compensates, and its
+// history says so. Compensations, confirms, cancels, commits and rollbacks never give up: past
+// the operator threshold the transaction waits for an operator.
 type RetryPolicy struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Attempts of a forward action before the saga gives up and compensates (default 5).
-	// Compensations never give up; see the coordinator's operator threshold.
+	// Attempts of a forward action before the saga gives up and compensates, within 1..1000.
+	// 0 = the coordinator's default (no attempt limit: the retry window decides). Setting it
+	// replaces the default window with this count unless retry_window is set too; then whichever
+	// ends first ends the retries. Not used by undo calls, which never give up.
 	MaxAttempts int32 `protobuf:"varint,1,opt,name=max_attempts,json=maxAttempts,proto3" json:"max_attempts,omitempty"`
 	// Backoff before the second attempt (default 100ms); doubles each attempt, with jitter.
+	// At most 1h.
 	InitialBackoff *durationpb.Duration `protobuf:"bytes,2,opt,name=initial_backoff,json=initialBackoff,proto3" json:"initial_backoff,omitempty"`
-	// Upper bound of the backoff (default 10s).
-	MaxBackoff    *durationpb.Duration `protobuf:"bytes,3,opt,name=max_backoff,json=maxBackoff,proto3" json:"max_backoff,omitempty"`
+	// Upper bound of the backoff (default 1s, or initial_backoff when that is larger). At most
+	// 24h, and not below initial_backoff.
+	MaxBackoff *durationpb.Duration `protobuf:"bytes,3,opt,name=max_backoff,json=maxBackoff,proto3" json:"max_backoff,omitempty"`
+	// How long a forward action is retried after its first transient failure (default 5m;
+	// at most 7 days); the transaction's deadline ends it earlier.
+	RetryWindow   *durationpb.Duration `protobuf:"bytes,4,opt,name=retry_window,json=retryWindow,proto3" json:"retry_window,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -326,6 +343,13 @@ func (x *RetryPolicy) GetInitialBackoff() *durationpb.Duration {
 func (x *RetryPolicy) GetMaxBackoff() *durationpb.Duration {
 	if x != nil {
 		return x.MaxBackoff
+	}
+	return nil
+}
+
+func (x *RetryPolicy) GetRetryWindow() *durationpb.Duration {
+	if x != nil {
+		return x.RetryWindow
 	}
 	return nil
 }
@@ -2228,11 +2252,16 @@ type Branch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// The endpoint: action/compensate (saga), confirm/cancel (TCC), prepare/commit/rollback (2PC).
-	Op            string                 `protobuf:"bytes,2,opt,name=op,proto3" json:"op,omitempty"`
-	Status        BranchStatus           `protobuf:"varint,3,opt,name=status,proto3,enum=treaty.v1.BranchStatus" json:"status,omitempty"`
-	Attempts      int32                  `protobuf:"varint,4,opt,name=attempts,proto3" json:"attempts,omitempty"`
-	LastError     string                 `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	Op        string                 `protobuf:"bytes,2,opt,name=op,proto3" json:"op,omitempty"`
+	Status    BranchStatus           `protobuf:"varint,3,opt,name=status,proto3,enum=treaty.v1.BranchStatus" json:"status,omitempty"`
+	Attempts  int32                  `protobuf:"varint,4,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	LastError string                 `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// When a branch that is waiting to be called again is next tried: after a transient failure
+	// (its backoff) or a call held back by an open circuit breaker. Empty when it is not waiting.
+	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
+	// Why it is waiting, when it is: the last attempt's failure, or that calls are held back.
+	WaitingReason string `protobuf:"bytes,8,opt,name=waiting_reason,json=waitingReason,proto3" json:"waiting_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2307,6 +2336,20 @@ func (x *Branch) GetUpdatedAt() *timestamppb.Timestamp {
 		return x.UpdatedAt
 	}
 	return nil
+}
+
+func (x *Branch) GetNextAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptAt
+	}
+	return nil
+}
+
+func (x *Branch) GetWaitingReason() string {
+	if x != nil {
+		return x.WaitingReason
+	}
+	return ""
 }
 
 type Event struct {
@@ -2571,12 +2614,13 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\x16treaty/v1/treaty.proto\x12\ttreaty.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n" +
 	"\x04Call\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x18\n" +
-	"\apayload\x18\x02 \x01(\fR\apayload\"\xb0\x01\n" +
+	"\apayload\x18\x02 \x01(\fR\apayload\"\xee\x01\n" +
 	"\vRetryPolicy\x12!\n" +
 	"\fmax_attempts\x18\x01 \x01(\x05R\vmaxAttempts\x12B\n" +
 	"\x0finitial_backoff\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0einitialBackoff\x12:\n" +
 	"\vmax_backoff\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\n" +
-	"maxBackoff\"\x83\x02\n" +
+	"maxBackoff\x12<\n" +
+	"\fretry_window\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vretryWindow\"\x83\x02\n" +
 	"\bSagaStep\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
 	"\x06action\x18\x02 \x01(\v2\x0f.treaty.v1.CallR\x06action\x12/\n" +
@@ -2701,7 +2745,7 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\atimeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"o\n" +
 	"\x17WaitTransactionResponse\x128\n" +
 	"\vtransaction\x18\x01 \x01(\v2\x16.treaty.v1.TransactionR\vtransaction\x12\x1a\n" +
-	"\bterminal\x18\x02 \x01(\bR\bterminal\"\xd3\x01\n" +
+	"\bterminal\x18\x02 \x01(\bR\bterminal\"\xbe\x02\n" +
 	"\x06Branch\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
 	"\x02op\x18\x02 \x01(\tR\x02op\x12/\n" +
@@ -2710,7 +2754,9 @@ const file_treaty_v1_treaty_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\x05 \x01(\tR\tlastError\x129\n" +
 	"\n" +
-	"updated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\x97\x01\n" +
+	"updated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12B\n" +
+	"\x0fnext_attempt_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\rnextAttemptAt\x12%\n" +
+	"\x0ewaiting_reason\x18\b \x01(\tR\rwaitingReason\"\x97\x01\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x03R\x02id\x12*\n" +
 	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x12\n" +
@@ -2840,99 +2886,101 @@ var file_treaty_v1_treaty_proto_goTypes = []any{
 var file_treaty_v1_treaty_proto_depIdxs = []int32{
 	42, // 0: treaty.v1.RetryPolicy.initial_backoff:type_name -> google.protobuf.Duration
 	42, // 1: treaty.v1.RetryPolicy.max_backoff:type_name -> google.protobuf.Duration
-	3,  // 2: treaty.v1.SagaStep.action:type_name -> treaty.v1.Call
-	3,  // 3: treaty.v1.SagaStep.compensate:type_name -> treaty.v1.Call
-	4,  // 4: treaty.v1.SagaStep.retry:type_name -> treaty.v1.RetryPolicy
-	42, // 5: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
-	5,  // 6: treaty.v1.SagaSpec.steps:type_name -> treaty.v1.SagaStep
-	42, // 7: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
-	6,  // 8: treaty.v1.SubmitSagaRequest.saga:type_name -> treaty.v1.SagaSpec
-	42, // 9: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
-	40, // 10: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
-	3,  // 11: treaty.v1.TCCBranch.confirm:type_name -> treaty.v1.Call
-	3,  // 12: treaty.v1.TCCBranch.cancel:type_name -> treaty.v1.Call
-	4,  // 13: treaty.v1.TCCBranch.retry:type_name -> treaty.v1.RetryPolicy
-	42, // 14: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
-	42, // 15: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
-	40, // 16: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
-	9,  // 17: treaty.v1.RegisterTCCBranchRequest.branch:type_name -> treaty.v1.TCCBranch
-	42, // 18: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
-	40, // 19: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
-	42, // 20: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
-	40, // 21: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
-	3,  // 22: treaty.v1.TwoPhaseBranch.prepare:type_name -> treaty.v1.Call
-	3,  // 23: treaty.v1.TwoPhaseBranch.commit:type_name -> treaty.v1.Call
-	3,  // 24: treaty.v1.TwoPhaseBranch.rollback:type_name -> treaty.v1.Call
-	4,  // 25: treaty.v1.TwoPhaseBranch.retry:type_name -> treaty.v1.RetryPolicy
-	42, // 26: treaty.v1.TwoPhaseBranch.call_timeout:type_name -> google.protobuf.Duration
-	18, // 27: treaty.v1.Submit2PCRequest.branches:type_name -> treaty.v1.TwoPhaseBranch
-	42, // 28: treaty.v1.Submit2PCRequest.timeout:type_name -> google.protobuf.Duration
-	42, // 29: treaty.v1.Submit2PCRequest.wait:type_name -> google.protobuf.Duration
-	40, // 30: treaty.v1.Submit2PCResponse.transaction:type_name -> treaty.v1.Transaction
-	3,  // 31: treaty.v1.MsgDelivery.call:type_name -> treaty.v1.Call
-	4,  // 32: treaty.v1.MsgDelivery.retry:type_name -> treaty.v1.RetryPolicy
-	42, // 33: treaty.v1.MsgDelivery.call_timeout:type_name -> google.protobuf.Duration
-	21, // 34: treaty.v1.PrepareMsgRequest.deliveries:type_name -> treaty.v1.MsgDelivery
-	3,  // 35: treaty.v1.PrepareMsgRequest.query_prepared:type_name -> treaty.v1.Call
-	42, // 36: treaty.v1.PrepareMsgRequest.timeout:type_name -> google.protobuf.Duration
-	40, // 37: treaty.v1.PrepareMsgResponse.transaction:type_name -> treaty.v1.Transaction
-	42, // 38: treaty.v1.SubmitMsgRequest.wait:type_name -> google.protobuf.Duration
-	40, // 39: treaty.v1.SubmitMsgResponse.transaction:type_name -> treaty.v1.Transaction
-	6,  // 40: treaty.v1.Workflow.saga:type_name -> treaty.v1.SagaSpec
-	43, // 41: treaty.v1.Workflow.created_at:type_name -> google.protobuf.Timestamp
-	6,  // 42: treaty.v1.RegisterWorkflowRequest.saga:type_name -> treaty.v1.SagaSpec
-	26, // 43: treaty.v1.RegisterWorkflowResponse.workflow:type_name -> treaty.v1.Workflow
-	26, // 44: treaty.v1.ListWorkflowsResponse.workflows:type_name -> treaty.v1.Workflow
-	41, // 45: treaty.v1.StartWorkflowRequest.inputs:type_name -> treaty.v1.StartWorkflowRequest.InputsEntry
-	42, // 46: treaty.v1.StartWorkflowRequest.wait:type_name -> google.protobuf.Duration
-	40, // 47: treaty.v1.StartWorkflowResponse.transaction:type_name -> treaty.v1.Transaction
-	40, // 48: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	42, // 49: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
-	40, // 50: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
-	2,  // 51: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
-	43, // 52: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
-	43, // 53: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
-	0,  // 54: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
-	1,  // 55: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
-	43, // 56: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
-	43, // 57: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
-	43, // 58: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
-	38, // 59: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
-	39, // 60: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
-	43, // 61: treaty.v1.Transaction.lease_expires_at:type_name -> google.protobuf.Timestamp
-	43, // 62: treaty.v1.Transaction.next_attempt_at:type_name -> google.protobuf.Timestamp
-	31, // 63: treaty.v1.StartWorkflowRequest.InputsEntry.value:type_name -> treaty.v1.StepInput
-	7,  // 64: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
-	34, // 65: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
-	36, // 66: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
-	10, // 67: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
-	12, // 68: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
-	14, // 69: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
-	16, // 70: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
-	19, // 71: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
-	22, // 72: treaty.v1.Coordinator.PrepareMsg:input_type -> treaty.v1.PrepareMsgRequest
-	24, // 73: treaty.v1.Coordinator.SubmitMsg:input_type -> treaty.v1.SubmitMsgRequest
-	27, // 74: treaty.v1.Coordinator.RegisterWorkflow:input_type -> treaty.v1.RegisterWorkflowRequest
-	29, // 75: treaty.v1.Coordinator.ListWorkflows:input_type -> treaty.v1.ListWorkflowsRequest
-	32, // 76: treaty.v1.Coordinator.StartWorkflow:input_type -> treaty.v1.StartWorkflowRequest
-	8,  // 77: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
-	35, // 78: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
-	37, // 79: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
-	11, // 80: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
-	13, // 81: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
-	15, // 82: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
-	17, // 83: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
-	20, // 84: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
-	23, // 85: treaty.v1.Coordinator.PrepareMsg:output_type -> treaty.v1.PrepareMsgResponse
-	25, // 86: treaty.v1.Coordinator.SubmitMsg:output_type -> treaty.v1.SubmitMsgResponse
-	28, // 87: treaty.v1.Coordinator.RegisterWorkflow:output_type -> treaty.v1.RegisterWorkflowResponse
-	30, // 88: treaty.v1.Coordinator.ListWorkflows:output_type -> treaty.v1.ListWorkflowsResponse
-	33, // 89: treaty.v1.Coordinator.StartWorkflow:output_type -> treaty.v1.StartWorkflowResponse
-	77, // [77:90] is the sub-list for method output_type
-	64, // [64:77] is the sub-list for method input_type
-	64, // [64:64] is the sub-list for extension type_name
-	64, // [64:64] is the sub-list for extension extendee
-	0,  // [0:64] is the sub-list for field type_name
+	42, // 2: treaty.v1.RetryPolicy.retry_window:type_name -> google.protobuf.Duration
+	3,  // 3: treaty.v1.SagaStep.action:type_name -> treaty.v1.Call
+	3,  // 4: treaty.v1.SagaStep.compensate:type_name -> treaty.v1.Call
+	4,  // 5: treaty.v1.SagaStep.retry:type_name -> treaty.v1.RetryPolicy
+	42, // 6: treaty.v1.SagaStep.call_timeout:type_name -> google.protobuf.Duration
+	5,  // 7: treaty.v1.SagaSpec.steps:type_name -> treaty.v1.SagaStep
+	42, // 8: treaty.v1.SagaSpec.timeout:type_name -> google.protobuf.Duration
+	6,  // 9: treaty.v1.SubmitSagaRequest.saga:type_name -> treaty.v1.SagaSpec
+	42, // 10: treaty.v1.SubmitSagaRequest.wait:type_name -> google.protobuf.Duration
+	40, // 11: treaty.v1.SubmitSagaResponse.transaction:type_name -> treaty.v1.Transaction
+	3,  // 12: treaty.v1.TCCBranch.confirm:type_name -> treaty.v1.Call
+	3,  // 13: treaty.v1.TCCBranch.cancel:type_name -> treaty.v1.Call
+	4,  // 14: treaty.v1.TCCBranch.retry:type_name -> treaty.v1.RetryPolicy
+	42, // 15: treaty.v1.TCCBranch.call_timeout:type_name -> google.protobuf.Duration
+	42, // 16: treaty.v1.BeginTCCRequest.timeout:type_name -> google.protobuf.Duration
+	40, // 17: treaty.v1.BeginTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	9,  // 18: treaty.v1.RegisterTCCBranchRequest.branch:type_name -> treaty.v1.TCCBranch
+	42, // 19: treaty.v1.CommitTCCRequest.wait:type_name -> google.protobuf.Duration
+	40, // 20: treaty.v1.CommitTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 21: treaty.v1.RollbackTCCRequest.wait:type_name -> google.protobuf.Duration
+	40, // 22: treaty.v1.RollbackTCCResponse.transaction:type_name -> treaty.v1.Transaction
+	3,  // 23: treaty.v1.TwoPhaseBranch.prepare:type_name -> treaty.v1.Call
+	3,  // 24: treaty.v1.TwoPhaseBranch.commit:type_name -> treaty.v1.Call
+	3,  // 25: treaty.v1.TwoPhaseBranch.rollback:type_name -> treaty.v1.Call
+	4,  // 26: treaty.v1.TwoPhaseBranch.retry:type_name -> treaty.v1.RetryPolicy
+	42, // 27: treaty.v1.TwoPhaseBranch.call_timeout:type_name -> google.protobuf.Duration
+	18, // 28: treaty.v1.Submit2PCRequest.branches:type_name -> treaty.v1.TwoPhaseBranch
+	42, // 29: treaty.v1.Submit2PCRequest.timeout:type_name -> google.protobuf.Duration
+	42, // 30: treaty.v1.Submit2PCRequest.wait:type_name -> google.protobuf.Duration
+	40, // 31: treaty.v1.Submit2PCResponse.transaction:type_name -> treaty.v1.Transaction
+	3,  // 32: treaty.v1.MsgDelivery.call:type_name -> treaty.v1.Call
+	4,  // 33: treaty.v1.MsgDelivery.retry:type_name -> treaty.v1.RetryPolicy
+	42, // 34: treaty.v1.MsgDelivery.call_timeout:type_name -> google.protobuf.Duration
+	21, // 35: treaty.v1.PrepareMsgRequest.deliveries:type_name -> treaty.v1.MsgDelivery
+	3,  // 36: treaty.v1.PrepareMsgRequest.query_prepared:type_name -> treaty.v1.Call
+	42, // 37: treaty.v1.PrepareMsgRequest.timeout:type_name -> google.protobuf.Duration
+	40, // 38: treaty.v1.PrepareMsgResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 39: treaty.v1.SubmitMsgRequest.wait:type_name -> google.protobuf.Duration
+	40, // 40: treaty.v1.SubmitMsgResponse.transaction:type_name -> treaty.v1.Transaction
+	6,  // 41: treaty.v1.Workflow.saga:type_name -> treaty.v1.SagaSpec
+	43, // 42: treaty.v1.Workflow.created_at:type_name -> google.protobuf.Timestamp
+	6,  // 43: treaty.v1.RegisterWorkflowRequest.saga:type_name -> treaty.v1.SagaSpec
+	26, // 44: treaty.v1.RegisterWorkflowResponse.workflow:type_name -> treaty.v1.Workflow
+	26, // 45: treaty.v1.ListWorkflowsResponse.workflows:type_name -> treaty.v1.Workflow
+	41, // 46: treaty.v1.StartWorkflowRequest.inputs:type_name -> treaty.v1.StartWorkflowRequest.InputsEntry
+	42, // 47: treaty.v1.StartWorkflowRequest.wait:type_name -> google.protobuf.Duration
+	40, // 48: treaty.v1.StartWorkflowResponse.transaction:type_name -> treaty.v1.Transaction
+	40, // 49: treaty.v1.GetTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	42, // 50: treaty.v1.WaitTransactionRequest.timeout:type_name -> google.protobuf.Duration
+	40, // 51: treaty.v1.WaitTransactionResponse.transaction:type_name -> treaty.v1.Transaction
+	2,  // 52: treaty.v1.Branch.status:type_name -> treaty.v1.BranchStatus
+	43, // 53: treaty.v1.Branch.updated_at:type_name -> google.protobuf.Timestamp
+	43, // 54: treaty.v1.Branch.next_attempt_at:type_name -> google.protobuf.Timestamp
+	43, // 55: treaty.v1.Event.at:type_name -> google.protobuf.Timestamp
+	0,  // 56: treaty.v1.Transaction.mode:type_name -> treaty.v1.Mode
+	1,  // 57: treaty.v1.Transaction.status:type_name -> treaty.v1.Status
+	43, // 58: treaty.v1.Transaction.created_at:type_name -> google.protobuf.Timestamp
+	43, // 59: treaty.v1.Transaction.updated_at:type_name -> google.protobuf.Timestamp
+	43, // 60: treaty.v1.Transaction.deadline:type_name -> google.protobuf.Timestamp
+	38, // 61: treaty.v1.Transaction.branches:type_name -> treaty.v1.Branch
+	39, // 62: treaty.v1.Transaction.events:type_name -> treaty.v1.Event
+	43, // 63: treaty.v1.Transaction.lease_expires_at:type_name -> google.protobuf.Timestamp
+	43, // 64: treaty.v1.Transaction.next_attempt_at:type_name -> google.protobuf.Timestamp
+	31, // 65: treaty.v1.StartWorkflowRequest.InputsEntry.value:type_name -> treaty.v1.StepInput
+	7,  // 66: treaty.v1.Coordinator.SubmitSaga:input_type -> treaty.v1.SubmitSagaRequest
+	34, // 67: treaty.v1.Coordinator.GetTransaction:input_type -> treaty.v1.GetTransactionRequest
+	36, // 68: treaty.v1.Coordinator.WaitTransaction:input_type -> treaty.v1.WaitTransactionRequest
+	10, // 69: treaty.v1.Coordinator.BeginTCC:input_type -> treaty.v1.BeginTCCRequest
+	12, // 70: treaty.v1.Coordinator.RegisterTCCBranch:input_type -> treaty.v1.RegisterTCCBranchRequest
+	14, // 71: treaty.v1.Coordinator.CommitTCC:input_type -> treaty.v1.CommitTCCRequest
+	16, // 72: treaty.v1.Coordinator.RollbackTCC:input_type -> treaty.v1.RollbackTCCRequest
+	19, // 73: treaty.v1.Coordinator.Submit2PC:input_type -> treaty.v1.Submit2PCRequest
+	22, // 74: treaty.v1.Coordinator.PrepareMsg:input_type -> treaty.v1.PrepareMsgRequest
+	24, // 75: treaty.v1.Coordinator.SubmitMsg:input_type -> treaty.v1.SubmitMsgRequest
+	27, // 76: treaty.v1.Coordinator.RegisterWorkflow:input_type -> treaty.v1.RegisterWorkflowRequest
+	29, // 77: treaty.v1.Coordinator.ListWorkflows:input_type -> treaty.v1.ListWorkflowsRequest
+	32, // 78: treaty.v1.Coordinator.StartWorkflow:input_type -> treaty.v1.StartWorkflowRequest
+	8,  // 79: treaty.v1.Coordinator.SubmitSaga:output_type -> treaty.v1.SubmitSagaResponse
+	35, // 80: treaty.v1.Coordinator.GetTransaction:output_type -> treaty.v1.GetTransactionResponse
+	37, // 81: treaty.v1.Coordinator.WaitTransaction:output_type -> treaty.v1.WaitTransactionResponse
+	11, // 82: treaty.v1.Coordinator.BeginTCC:output_type -> treaty.v1.BeginTCCResponse
+	13, // 83: treaty.v1.Coordinator.RegisterTCCBranch:output_type -> treaty.v1.RegisterTCCBranchResponse
+	15, // 84: treaty.v1.Coordinator.CommitTCC:output_type -> treaty.v1.CommitTCCResponse
+	17, // 85: treaty.v1.Coordinator.RollbackTCC:output_type -> treaty.v1.RollbackTCCResponse
+	20, // 86: treaty.v1.Coordinator.Submit2PC:output_type -> treaty.v1.Submit2PCResponse
+	23, // 87: treaty.v1.Coordinator.PrepareMsg:output_type -> treaty.v1.PrepareMsgResponse
+	25, // 88: treaty.v1.Coordinator.SubmitMsg:output_type -> treaty.v1.SubmitMsgResponse
+	28, // 89: treaty.v1.Coordinator.RegisterWorkflow:output_type -> treaty.v1.RegisterWorkflowResponse
+	30, // 90: treaty.v1.Coordinator.ListWorkflows:output_type -> treaty.v1.ListWorkflowsResponse
+	33, // 91: treaty.v1.Coordinator.StartWorkflow:output_type -> treaty.v1.StartWorkflowResponse
+	79, // [79:92] is the sub-list for method output_type
+	66, // [66:79] is the sub-list for method input_type
+	66, // [66:66] is the sub-list for extension type_name
+	66, // [66:66] is the sub-list for extension extendee
+	0,  // [0:66] is the sub-list for field type_name
 }
 
 func init() { file_treaty_v1_treaty_proto_init() }

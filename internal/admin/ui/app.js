@@ -63,6 +63,15 @@ function ago(ts) {
   return Math.round(s / 86400) + " d ago";
 }
 
+// untilText says how far off a time is: "in 3 s", or "due" once it has passed.
+function untilText(ts) {
+  const s = (new Date(ts).getTime() - Date.now()) / 1000;
+  if (s <= 0) return "due";
+  if (s < 90) return "in " + Math.round(s) + " s";
+  if (s < 5400) return "in " + Math.round(s / 60) + " min";
+  return "in " + Math.round(s / 3600) + " h";
+}
+
 function txLink(gid) {
   return el("a", { href: "#/tx/" + encodeURIComponent(gid), class: "mono" }, gid);
 }
@@ -299,8 +308,10 @@ function showTransaction(gen, t) {
     t.deadline ? fact("deadline", when(t.deadline)) : null,
     t.next_attempt_at ? fact("next attempt", when(t.next_attempt_at)) : null,
     t.lease_owner ? fact("driven by", t.lease_owner + " until " + when(t.lease_expires_at)) : null);
-  const branches = table(["branch", "op", "status", "attempts", "last error", "updated", ""], (t.branches || []).map((b) => [
+  const branches = table(["branch", "op", "status", "attempts", "last error", "updated", "next attempt", ""], (t.branches || []).map((b) => [
     b.name, b.op, badge(b.status), String(b.attempts), el("span", { class: "wrap" }, b.last_error || ""), ago(b.updated_at),
+    b.next_attempt_at ? el("span", { class: "wrap next-attempt" }, when(b.next_attempt_at) + " (" + untilText(b.next_attempt_at) + ")",
+      b.waiting_reason ? el("div", { class: "muted waiting-reason" }, b.waiting_reason) : null) : "",
     b.status === "succeeded" || b.status === "skipped" ? "" :
       el("button", { type: "button", "data-action": "resolve", "data-branch": b.name, "data-op": b.op, disabled: !operator,
         title: operator ? ACTIONS.resolve.what : why,
