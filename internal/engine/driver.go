@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"time"
@@ -141,7 +143,7 @@ func (d *driver) run() {
 		var wake time.Time
 		if !stopping {
 			var events []store.Event
-			calls, events, wake = d.m.advance(d.e.cfg.Now())
+			calls, events, wake = d.m.advance(d.e.now())
 			pending = append(pending, events...)
 		}
 		// Results and decisions (turning back, finishing) are durable before anything depends
@@ -165,6 +167,13 @@ func (d *driver) run() {
 			d.e.cfg.Observer.TransactionFinished(d.mode, outcomeLabel(d.m.status()))
 			return
 		}
+		if len(calls) == 0 && inFlight == 0 && !stopping && waitsForInitiator(d.m.status()) &&
+			d.e.now().Before(d.row.Deadline) {
+			// Nothing to do before the deadline but wait for the initiator, who needs the row
+			// unleased to register, commit or submit: hand it back, due at its deadline.
+			d.release()
+			return
+		}
 		if len(calls) > 0 && !d.ensureLease(calls) {
 			return
 		}
@@ -178,7 +187,7 @@ func (d *driver) run() {
 		}
 		var timerC <-chan time.Time
 		if !wake.IsZero() && !stopping {
-			timer.Reset(max(0, wake.Sub(d.e.cfg.Now())))
+			timer.Reset(max(0, wake.Sub(d.e.now())))
 			timerC = timer.C
 		}
 		apply := func(r callResult) {
@@ -307,7 +316,7 @@ func (d *driver) call(c dispatch) {
 	if label != "ok" && res.Err != nil {
 		span.SetStatus(codes.Error, res.Err.Error())
 	}
-	d.results <- callResult{d: c, res: res, at: d.e.cfg.Now(), fault: fault}
+	d.results <- callResult{d: c, res: res, at: d.e.now(), fault: fault}
 }
 
 // outcomeLabel maps every mode's terminal phases onto the three outcomes.
@@ -333,6 +342,9 @@ func (d *driver) persist(events []store.Event) bool {
 		Paused:   d.paused,
 		Lease:    d.e.cfg.Lease,
 		Events:   events,
+		// The same id on every try of this write: one that committed although its reply was
+		// lost (the group committer's fallback, or the retry below) is not applied twice.
+		WriteID: rand.Int64N(math.MaxInt64) + 1,
 	}
 	now := d.m.branches()
 	for i, b := range now {

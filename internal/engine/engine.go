@@ -17,6 +17,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -206,6 +207,8 @@ type Engine struct {
 	commitCancel context.CancelFunc
 	commitWG     sync.WaitGroup
 	jobs         jobs
+	// clockOffset is the database clock minus this replica's clock, in nanoseconds (clock.go).
+	clockOffset atomic.Int64
 }
 
 // New validates the configuration.
@@ -228,6 +231,12 @@ func (e *Engine) Owner() string { return e.cfg.Owner }
 
 // Start launches the group committer, the lease renewer and the recovery loop.
 func (e *Engine) Start(ctx context.Context) error {
+	// Before anything is driven: every persisted time is on the database clock.
+	mctx, mcancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := e.measureClock(mctx); err != nil {
+		e.log.Warn("could not read the database clock at start; assuming no offset until the next measurement", "err", err)
+	}
+	mcancel()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.started {
@@ -242,7 +251,8 @@ func (e *Engine) Start(ctx context.Context) error {
 	}
 	loopCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	e.cancel = cancel
-	e.loops.Add(3)
+	e.loops.Add(4)
+	go func() { defer e.loops.Done(); e.clockLoop(loopCtx) }()
 	go func() { defer e.loops.Done(); e.recoveryLoop(loopCtx) }()
 	go func() { defer e.loops.Done(); e.jobsLoop(loopCtx) }()
 	go func() { defer e.loops.Done(); e.renewLoop(loopCtx) }()

@@ -15,6 +15,9 @@ var (
 	ErrStopping = errors.New("coordinator is shutting down")
 	// ErrOverloaded: this replica drives MaxActive transactions already; retry later or elsewhere.
 	ErrOverloaded = errors.New("coordinator at capacity")
+	// ErrBusy: another replica holds the transaction for a moment longer than this request
+	// could wait; retrying soon succeeds.
+	ErrBusy = errors.New("transaction busy")
 )
 
 // InvalidArgumentError names the offending field and what was expected. Nothing is written for a

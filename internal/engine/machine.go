@@ -79,3 +79,8 @@ func branchIndex(names func(i int) string, n int, name string) int {
 	}
 	return -1
 }
+
+// waitsForInitiator reports a status in which nobody drives the transaction before its
+// deadline: a TCC whose initiator has not decided, a message not yet submitted. The row must
+// stay unleased then, so that the initiator's registration, commit or submit finds it free.
+func waitsForInitiator(status string) bool { return status == "trying" || status == "prepared" }

@@ -162,7 +162,7 @@ func (e *Engine) SubmitMsg(ctx context.Context, gid string) error {
 		return err
 	}
 	sent := time.Now()
-	res, err := e.cfg.Store.Transition(ctx, store.TransitionParams{
+	res, err := e.transitionWaiting(ctx, store.TransitionParams{
 		GID: gid, From: []string{string(msg.PhasePrepared)}, To: string(msg.PhaseDelivering),
 		Owner: e.cfg.Owner, Lease: e.cfg.Lease,
 		Events: []store.Event{{Kind: "delivering", Detail: "submitted by the application"}},

@@ -144,7 +144,7 @@ func (e *Engine) operateIdle(ctx context.Context, op Operation) error {
 	if d.m.terminal() || d.paused {
 		return nil
 	}
-	if st := d.m.status(); st == "trying" || st == "prepared" {
+	if waitsForInitiator(d.m.status()) {
 		// Still waiting for its initiator: hand it back (due at its deadline), free for the
 		// initiator to register branches, commit or submit.
 		d.release()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -158,7 +159,7 @@ func (e *Engine) RegisterTCCBranch(ctx context.Context, gid string, b *treatyv1.
 		if t.Mode != "tcc" {
 			return false, fmt.Errorf("gid %q is a %s transaction, not TCC: %w", gid, t.Mode, ErrFailedPrecondition)
 		}
-		return false, fmt.Errorf("gid %q: cannot register branch %q: the transaction is %s%s: %w", gid, b.Name, t.Status, why(t), ErrFailedPrecondition)
+		return false, fmt.Errorf("gid %q: cannot register branch %q: the transaction is %s%s: %w", gid, b.Name, t.Status, e.why(t), ErrFailedPrecondition)
 	}
 	prev, existed := res.Existing[b.Name]
 	if existed && !bytes.Equal(prev, raw) {
@@ -167,11 +168,11 @@ func (e *Engine) RegisterTCCBranch(ctx context.Context, gid string, b *treatyv1.
 	return existed, nil
 }
 
-func why(t store.Transaction) string {
+func (e *Engine) why(t store.Transaction) string {
 	switch {
 	case t.Reason != "":
 		return " (" + t.Reason + ")"
-	case t.Status == string(tcc.PhaseTrying) && !t.Deadline.IsZero() && time.Now().After(t.Deadline):
+	case t.Status == string(tcc.PhaseTrying) && !t.Deadline.IsZero() && e.now().After(t.Deadline):
 		return " (past its timeout, being cancelled)"
 	}
 	return ""
@@ -199,11 +200,15 @@ func (e *Engine) DecideTCC(ctx context.Context, gid string, commit bool, reason 
 		reason = ""
 	}
 	sent := time.Now()
-	res, err := e.cfg.Store.Transition(ctx, store.TransitionParams{
+	p := store.TransitionParams{
 		GID: gid, From: []string{string(tcc.PhaseTrying)}, To: string(to), Reason: reason,
 		Owner: e.cfg.Owner, Lease: e.cfg.Lease,
 		Events: []store.Event{{Kind: kind, Detail: map[bool]string{true: "initiator committed", false: reason}[commit]}},
-	})
+		// A commit after the deadline is refused by the database clock, whether or not recovery
+		// has cancelled yet; a rollback then is what would happen anyway.
+		BeforeDeadline: commit,
+	}
+	res, err := e.transitionWaiting(ctx, p)
 	if errors.Is(err, store.ErrNotFound) {
 		return fmt.Errorf("gid %q: %w", gid, ErrNotFound)
 	}
@@ -221,7 +226,12 @@ func (e *Engine) DecideTCC(ctx context.Context, gid string, commit bool, reason 
 			return fmt.Errorf("gid %q: an operator paused the transaction; unpause it first: %w", gid, ErrFailedPrecondition)
 		}
 		if state.Phase == tcc.PhaseTrying {
-			return fmt.Errorf("gid %q: cannot decide: the transaction is past its timeout and being cancelled: %w", gid, ErrFailedPrecondition)
+			if !e.now().Before(t.Deadline) {
+				return fmt.Errorf("gid %q: cannot commit: the transaction is past its timeout (%s) and being cancelled: %w",
+					gid, t.Deadline.UTC().Format(time.RFC3339Nano), ErrFailedPrecondition)
+			}
+			return fmt.Errorf("gid %q: cannot decide now: replica %s holds the transaction until %s; try again: %w",
+				gid, t.LeaseOwner, t.LeaseExpiresAt.UTC().Format(time.RFC3339Nano), ErrBusy)
 		}
 		if _, _, err := tcc.Decide(state, commit, reason); err != nil {
 			return fmt.Errorf("gid %q: %w: %w", gid, err, ErrFailedPrecondition)
@@ -335,4 +345,30 @@ func (m *tccMachine) operate(op saga.Operation, branch string) ([]store.Event, e
 	var err error
 	m.state, evs, err = tcc.Operate(m.spec, m.state, op)
 	return sagaEvents(evs), err
+}
+
+// transitionWaiting moves a transaction out of a status in which it waits for its initiator.
+// Such a row is unleased except for a moment (a replica that claimed it hands it straight back),
+// or until the lease of a replica that died while holding it runs out: the initiator's decision
+// waits that out, up to a lease and a little more, rather than fail.
+func (e *Engine) transitionWaiting(ctx context.Context, p store.TransitionParams) (store.TransitionResult, error) {
+	give := time.Now().Add(e.cfg.Lease + time.Second)
+	backoff := 20 * time.Millisecond
+	for {
+		res, err := e.cfg.Store.Transition(ctx, p)
+		if err != nil || res.Done {
+			return res, err
+		}
+		t := res.Current
+		held := slices.Contains(p.From, t.Status) && !t.Paused && t.LeaseOwner != "" && e.now().Before(t.Deadline)
+		if !held || time.Now().Add(backoff).After(give) {
+			return res, nil
+		}
+		select {
+		case <-ctx.Done():
+			return res, ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
 }

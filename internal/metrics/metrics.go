@@ -25,6 +25,7 @@ type Metrics struct {
 	jobRuns     *prometheus.CounterVec
 	jobFindings *prometheus.GaugeVec
 	targets     *targetLabels
+	clockOffset prometheus.Gauge
 }
 
 // BreakerStates reports each participant endpoint's circuit breaker state.
@@ -65,8 +66,11 @@ func New(reg prometheus.Registerer, st store.Store, breakers BreakerStates, log 
 		jobFindings: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "treaty_reconcile_findings", Help: "What the last run of each reconciliation job found (for retention: transactions deleted).",
 		}, []string{"job"}),
+		clockOffset: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "treaty_clock_offset_seconds", Help: "Database clock minus this replica's clock, as last measured; persisted times are corrected by it (a warning is logged above 1s).",
+		}),
 	}
-	reg.MustRegister(m.started, m.finished, m.calls, m.retries, m.claims, m.lost, m.commitBatch, m.jobRuns, m.jobFindings,
+	reg.MustRegister(m.started, m.finished, m.calls, m.retries, m.claims, m.lost, m.commitBatch, m.jobRuns, m.jobFindings, m.clockOffset,
 		&stateCollector{st: st, breakers: breakers, log: log, targets: targets})
 	return m
 }
@@ -92,6 +96,9 @@ func (m *Metrics) LeasesClaimed(n int) { m.claims.Add(float64(n)) }
 
 // LeaseLost implements engine.Observer.
 func (m *Metrics) LeaseLost() { m.lost.Inc() }
+
+// ClockOffset implements engine.ClockObserver.
+func (m *Metrics) ClockOffset(d time.Duration) { m.clockOffset.Set(d.Seconds()) }
 
 // GroupCommit implements engine.Observer.
 func (m *Metrics) GroupCommit(records int) { m.commitBatch.Observe(float64(records)) }

@@ -268,7 +268,7 @@ func toStatus(err error) error {
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, engine.ErrNotFound):
 		return status.Error(codes.NotFound, err.Error())
-	case errors.Is(err, engine.ErrStopping):
+	case errors.Is(err, engine.ErrStopping), errors.Is(err, engine.ErrBusy):
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, engine.ErrOverloaded):
 		// Nothing was written: the client may come back, and RetryInfo says when.

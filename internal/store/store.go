@@ -108,6 +108,11 @@ type RecordParams struct {
 	// Branches are upserted (only those that changed need be given).
 	Branches []Branch
 	Events   []Event
+	// WriteID, when not zero, makes the write idempotent: a write with the id of the last one
+	// applied to the transaction (at the same epoch) changes nothing and reports Owned. A
+	// writer that sends a write again after an error, not knowing whether it committed, gives
+	// it the same id.
+	WriteID int64
 }
 
 // RecordResult is the outcome of one RecordParams.
@@ -188,6 +193,9 @@ type TransitionParams struct {
 	Owner  string
 	Lease  time.Duration
 	Events []Event
+	// BeforeDeadline refuses the move once the transaction's deadline has passed on the
+	// database clock, decided in the same statement (a TCC commit after its timeout).
+	BeforeDeadline bool
 }
 
 // TransitionResult is the outcome of a Transition.

@@ -127,7 +127,8 @@ func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (st
 }
 
 // recordSQL is one fenced write: the transaction row is updated only at the caller's epoch, and
-// branches and events are written only if that update matched.
+// branches and events are written only if that update matched. A write already applied (same
+// write id, read in the statement's snapshot, before this update) is owned and changes nothing.
 const recordSQL = `
 WITH t AS (
     UPDATE treaty_transactions SET
@@ -138,8 +139,9 @@ WITH t AS (
         next_attempt_at = CASE WHEN $5 THEN NULL ELSE greatest(lease_expires_at, now() + $6::interval) END,
         lease_expires_at = CASE WHEN $5 THEN NULL ELSE greatest(lease_expires_at, now() + $6::interval) END,
         lease_owner = CASE WHEN $5 THEN NULL ELSE lease_owner END,
-        paused = $19
-    WHERE gid = $1 AND epoch = $2
+        paused = $19,
+        last_write = $20::bigint
+    WHERE gid = $1 AND epoch = $2 AND ($20::bigint = 0 OR last_write <> $20::bigint)
     RETURNING gid, lease_expires_at
 ), b AS (
     INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, updated_at)
@@ -155,7 +157,8 @@ WITH t AS (
     FROM t, unnest($14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
     ORDER BY x.n
 )
-SELECT count(*), max(lease_expires_at) FROM t`
+SELECT count(*) + (SELECT count(*) FROM treaty_transactions WHERE $20::bigint <> 0 AND gid = $1 AND epoch = $2 AND last_write = $20::bigint),
+       max(lease_expires_at) FROM t`
 
 // Record implements store.Store: all writes in one pipelined batch, one commit.
 func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.RecordResult, error) {
@@ -177,7 +180,7 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 		ba, be, bt, bu := branchStateArrays(p.Branches)
 		ek, eb, eo, ed := eventArrays(p.Events)
 		batch.Queue(recordSQL, p.GID, p.Epoch, p.Status, p.Reason, p.Terminal, p.Lease,
-			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu, p.Paused)
+			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu, p.Paused, p.WriteID)
 	}
 	br := s.pool.SendBatch(ctx, batch)
 	out := make([]store.RecordResult, len(ps))
@@ -642,14 +645,20 @@ func branchSpecs(bs []store.Branch) [][]byte {
 	return out
 }
 
+// registerLockSQL runs first, in the same implicit transaction as registerSQL: it locks the
+// transaction row so that a concurrent registration, Transition or claim waits for this one to
+// commit. registerSQL is a separate statement so that its snapshot is taken after the lock is
+// held: it then sees the branches the previous registration added, and numbers the new ones
+// after them. (Within one statement, a lock wait does not refresh the snapshot the position
+// subquery reads, and two registrations could take the same position.)
+const registerLockSQL = `SELECT 1 FROM treaty_transactions WHERE gid = $1 FOR UPDATE`
+
 // registerSQL adds branches only while the transaction is open: in an allowed status, unleased,
-// before its deadline. FOR SHARE makes a concurrent Transition or claim (which updates the row)
-// wait for this insert to commit, or makes this one see their result.
+// before its deadline.
 const registerSQL = `
 WITH t AS (
     SELECT ` + txColumns + ` FROM treaty_transactions
     WHERE gid = $1 AND status = ANY($2) AND lease_owner IS NULL AND deadline > now()
-    FOR SHARE
 ), b AS (
     INSERT INTO treaty_branches (gid, branch, op, position, status, spec)
     SELECT t.gid, x.branch, x.op,
@@ -678,9 +687,18 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 	}
 	ek, eb, eo, ed := eventArrays(p.Events)
 	var inserted []string
-	row := s.pool.QueryRow(ctx, registerSQL, p.GID, p.Statuses, names, ops, status, branchSpecs(p.Branches),
-		ek, eb, eo, ed, rel)
-	t, err := scanTxAnd(row, &inserted)
+	batch := &pgx.Batch{}
+	batch.Queue(registerLockSQL, p.GID)
+	batch.Queue(registerSQL, p.GID, p.Statuses, names, ops, status, branchSpecs(p.Branches), ek, eb, eo, ed, rel)
+	br := s.pool.SendBatch(ctx, batch)
+	_, err := br.Exec()
+	var t store.Transaction
+	if err == nil {
+		t, err = scanTxAnd(br.QueryRow(), &inserted)
+	}
+	if cerr := br.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
 	if errors.Is(err, pgx.ErrNoRows) {
 		// Not open: say why with the stored row (or ErrNotFound).
 		cur, _, err := s.GetTransaction(ctx, p.GID)
@@ -731,6 +749,7 @@ WITH t AS (
         lease_owner = $5, lease_expires_at = now() + $6::interval,
         next_attempt_at = now() + $6::interval, epoch = epoch + 1, updated_at = now()
     WHERE gid = $1 AND status = ANY($2) AND NOT paused AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+      AND (NOT $11 OR deadline > now())
     RETURNING ` + txColumns + `
 ), e AS (
     INSERT INTO treaty_events (gid, kind, branch, op, detail)
@@ -743,7 +762,7 @@ SELECT * FROM t`
 // Transition implements store.Store.
 func (s *Store) Transition(ctx context.Context, p store.TransitionParams) (store.TransitionResult, error) {
 	ek, eb, eo, ed := eventArrays(p.Events)
-	t, err := scanTx(s.pool.QueryRow(ctx, transitionSQL, p.GID, p.From, p.To, p.Reason, p.Owner, p.Lease, ek, eb, eo, ed))
+	t, err := scanTx(s.pool.QueryRow(ctx, transitionSQL, p.GID, p.From, p.To, p.Reason, p.Owner, p.Lease, ek, eb, eo, ed, p.BeforeDeadline))
 	if errors.Is(err, pgx.ErrNoRows) {
 		cur, _, err := s.GetTransaction(ctx, p.GID)
 		if err != nil {

@@ -357,8 +357,8 @@ const recordSQL = `UPDATE treaty_transactions SET
     status = ?1, reason = ?2, updated_at = ?3,
     next_attempt_at = CASE WHEN ?4 IS NULL THEN NULL ELSE max(coalesce(lease_expires_at, ?4), ?4) END,
     lease_expires_at = CASE WHEN ?4 IS NULL THEN NULL ELSE max(coalesce(lease_expires_at, ?4), ?4) END,
-    lease_owner = CASE WHEN ?5 THEN NULL ELSE lease_owner END, paused = ?6
-WHERE gid = ?7 AND epoch = ?8
+    lease_owner = CASE WHEN ?5 THEN NULL ELSE lease_owner END, paused = ?6, last_write = ?9
+WHERE gid = ?7 AND epoch = ?8 AND (?9 = 0 OR last_write <> ?9)
 RETURNING lease_expires_at`
 
 const upsertBranchSQL = `INSERT INTO treaty_branches
@@ -382,8 +382,16 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 				next = micros(at.Add(p.Lease))
 			}
 			var exp sql.NullInt64
-			err := tx.QueryRowContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, p.Terminal, boolInt(p.Paused), p.GID, p.Epoch).Scan(&exp)
+			err := tx.QueryRowContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, p.Terminal, boolInt(p.Paused), p.GID, p.Epoch, p.WriteID).Scan(&exp)
 			if errors.Is(err, sql.ErrNoRows) {
+				if p.WriteID != 0 {
+					// Applied already (sent again after an error): owned, and nothing to repeat.
+					var n int
+					if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM treaty_transactions WHERE gid = ? AND epoch = ? AND last_write = ?`, p.GID, p.Epoch, p.WriteID).Scan(&n); err != nil {
+						return fmt.Errorf("record %q: %w", p.GID, err)
+					}
+					out[i].Owned = n == 1
+				}
 				continue // ownership lost (or no such gid): nothing of this write is applied
 			}
 			if err != nil {
@@ -648,6 +656,7 @@ const transitionSQL = `UPDATE treaty_transactions SET
     lease_owner = ?3, lease_expires_at = ?4, next_attempt_at = ?4, epoch = epoch + 1, updated_at = ?5
 WHERE gid = ?6 AND status IN (SELECT value FROM json_each(?7)) AND paused = 0
   AND (lease_expires_at IS NULL OR lease_expires_at <= ?5)
+  AND (NOT ?8 OR deadline > ?5)
 RETURNING ` + txColumns
 
 // Transition implements store.Store.
@@ -658,7 +667,7 @@ func (s *Store) Transition(ctx context.Context, p store.TransitionParams) (store
 	}
 	var res store.TransitionResult
 	err = s.write(ctx, fmt.Sprintf("transition %q to %s", p.GID, p.To), func(tx *sql.Tx, at time.Time) error {
-		t, err := scanTx(tx.QueryRowContext(ctx, transitionSQL, p.To, p.Reason, p.Owner, micros(at.Add(p.Lease)), micros(at), p.GID, from))
+		t, err := scanTx(tx.QueryRowContext(ctx, transitionSQL, p.To, p.Reason, p.Owner, micros(at.Add(p.Lease)), micros(at), p.GID, from, p.BeforeDeadline))
 		if errors.Is(err, sql.ErrNoRows) {
 			cur, err := getTx(ctx, tx, p.GID) // ErrNotFound for an unknown gid
 			res = store.TransitionResult{Current: cur}

@@ -1,0 +1,98 @@
+package app_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/pgtest"
+	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/internal/store/postgres"
+	"github.com/treatyhq/treaty/internal/testparticipant"
+)
+
+// lostReplyStore is the real PostgreSQL store whose group commits of several records, the first
+// few times, commit and then report an error: what a client sees when the connection drops
+// after the server committed but before its reply arrived.
+type lostReplyStore struct {
+	*postgres.Store
+	lost atomic.Int32
+}
+
+func (s *lostReplyStore) Record(ctx context.Context, ps []store.RecordParams) ([]store.RecordResult, error) {
+	res, err := s.Store.Record(ctx, ps)
+	if err == nil && len(ps) > 1 && s.lost.Add(1) <= 3 {
+		return nil, errors.New("connection reset by peer (the commit happened)")
+	}
+	return res, err
+}
+
+// After a group commit whose reply was lost, the committer writes each record again alone:
+// those writes committed already and must not be applied twice (no event twice in a history).
+func TestGroupCommitLostReplyWritesEventsOnce(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pg, err := postgres.Open(ctx, pgtest.NewDatabase(t), 16)
+	require.NoError(t, err)
+	_, err = postgres.Migrate(ctx, pg.Pool())
+	require.NoError(t, err)
+	st := &lostReplyStore{Store: pg}
+	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", Logger: testLogger(t),
+		Engine: engine.Config{Lease: 5 * time.Second, RecoveryInterval: 100 * time.Millisecond}})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, a.Stop(sctx))
+	})
+	part, err := testparticipant.Start(testparticipant.Options{})
+	require.NoError(t, err)
+	t.Cleanup(part.Stop)
+	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	client := treatyv1.NewCoordinatorClient(conn)
+	b := &bundle{part: part}
+
+	var gids []string
+	for round := 0; st.lost.Load() < 3; round++ {
+		require.Less(t, round, 5, "no group commit of several records happened")
+		var wg sync.WaitGroup
+		for i := range 16 {
+			gid := fmt.Sprintf("lost-%d-%d", round, i)
+			gids = append(gids, gid)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res, err := client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: gid,
+					Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("a"), b.step("b", "a")}}, Wait: durationpb.New(30 * time.Second)})
+				if !(err == nil && res.Transaction.Status == treatyv1.Status_STATUS_SUCCEEDED) {
+					t.Errorf("saga %s: %v %v", gid, err, res)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	for _, gid := range gids {
+		evs, err := pg.ListEvents(ctx, gid)
+		require.NoError(t, err)
+		seen := map[string]bool{}
+		for _, e := range evs {
+			k := e.Kind + ":" + e.Branch + ":" + e.Op
+			require.False(t, seen[k], "saga %s: event %s recorded twice: %v", gid, k, evs)
+			seen[k] = true
+		}
+	}
+}

@@ -1,0 +1,4 @@
+DROP INDEX IF EXISTS treaty_transactions_unfinished;
+DROP INDEX IF EXISTS treaty_transactions_created;
+DROP INDEX IF EXISTS treaty_branches_position;
+ALTER TABLE treaty_transactions DROP COLUMN IF EXISTS last_write;
