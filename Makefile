@@ -6,7 +6,7 @@ CORE    := ./pkg/... ./sdk/... ./internal/engine/... ./internal/store/... ./inte
            ./internal/app/... ./internal/migrate/... ./internal/server/... ./internal/cli/...
 export TREATY_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable
 
-.PHONY: test test-core test-rest lint generate tools bench bench-saga bench-outbox build
+.PHONY: test test-core test-rest lint generate tools bench bench-saga bench-outbox build fuzz
 
 build:
 	$(GO) build ./...
@@ -18,6 +18,13 @@ test-core:
 
 test-rest:
 	$(GO) test -count=1 -timeout 15m $$($(GO) list ./... | grep -v -E '/(pkg|sdk|internal/(engine|store|invoke|app|migrate|server|cli))(/|$$)')
+
+# A short run of the request-validation fuzzer (FUZZTIME=5m for longer). Its seed corpus,
+# internal/server/testdata/fuzz/FuzzSubmitSaga, runs with every `go test` of the package; add any
+# input the fuzzer finds failing there.
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzSubmitSaga$$' -fuzztime $(FUZZTIME) ./internal/server/
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

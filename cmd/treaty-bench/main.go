@@ -30,6 +30,7 @@ func commands() map[string]command {
 		"outbox": {"outbox relay throughput and commit-to-ack latency against the PostgreSQL commit rate", bench.OutboxMain},
 		"tcc":    {"TCC transactions through the SDK (tries made by the client) against the PostgreSQL commit ceiling", bench.TCCMain},
 		"2pc":    {"two-phase commits through the SDK against the PostgreSQL commit ceiling", bench.TwoPhaseMain},
+		"memory": {"the coordinator's resident memory per active transaction, by payload size (Linux)", bench.MemoryMain},
 	}
 }
 
@@ -48,6 +49,7 @@ func usage(w io.Writer) {
 }
 
 func main() {
+	bench.MaybeRunMemoryChild() // the memory command's measured coordinator is this binary
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	code := run(ctx, os.Args[1:])
 	stop()

@@ -19,6 +19,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	bench.MaybeRunMemoryChild() // TestMemoryBench's coordinator is this test binary
 	code := pgtest.WrapTestMain(m)
 	if code == 0 {
 		if err := goleak.Find(goleak.IgnoreTopFunction("github.com/jackc/pgx/v5/pgxpool.(*Pool).backgroundHealthCheck")); err != nil {

@@ -5,6 +5,8 @@ import (
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 )
 
 // MaxStringBytes bounds any string a client sends (gid, names, filters, targets, reasons) unless
@@ -40,4 +42,11 @@ func CheckDuration(field string, d *durationpb.Duration) error {
 		return invalid(field, "is not a valid duration (seconds %d, nanos %d): %v", d.GetSeconds(), d.GetNanos(), err)
 	}
 	return nil
+}
+
+// ValidateSaga runs the checks SubmitSaga makes of a saga spec before anything is written,
+// with lim's limits (zero values: the defaults). Errors are *InvalidArgumentError.
+func ValidateSaga(spec *treatyv1.SagaSpec, lim Limits) error {
+	_, err := planSaga(spec, lim.withDefaults(), RetryDefaults{}.withDefaults())
+	return err
 }
