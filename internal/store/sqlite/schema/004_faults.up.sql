@@ -1,4 +1,4 @@
--- Fault-injection rules for game days, as migrations/007_faults.up.sql in PostgreSQL. The rule
+-- Fault-injection rules for game days, as migrations/006_faults.up.sql in PostgreSQL. The rule
 -- is JSON text; times are unix microseconds.
 CREATE TABLE treaty_faults (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
