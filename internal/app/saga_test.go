@@ -238,7 +238,7 @@ func TestSagaDeadlineCompensates(t *testing.T) {
 	slow := b.step("slow")
 	slow.Retry = &treatyv1.RetryPolicy{MaxAttempts: 1000, InitialBackoff: durationpb.New(20 * time.Millisecond), MaxBackoff: durationpb.New(20 * time.Millisecond)}
 	res, err := b.client.SubmitSaga(context.Background(), &treatyv1.SubmitSagaRequest{
-		Gid:  "deadline-1",
+		Gid: "deadline-1",
 		// The deadline leaves a loaded machine time to reach the slow step (the assertion below
 		// needs it tried), and then passes while it keeps failing.
 		Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("fast"), slow}, Timeout: durationpb.New(3 * time.Second)},

@@ -17,7 +17,8 @@ import (
 )
 
 type devConfig struct {
-	listen, httpListen, db, dbFile, kafka, logFormat, logLevel string
+	listen, httpListen, dbFile, kafka, logFormat, logLevel string
+	db                                                     string // --db; dbFile is its old name
 	adminTokensFile                                        string
 	memory, adminOpen                                      bool
 	kafkaPartitions                                        int
