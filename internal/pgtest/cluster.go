@@ -84,18 +84,17 @@ func writeOwner(dir string) error {
 }
 
 // ownerAlive reports whether the process recorded in dir's owner file still runs. A directory
-// without a readable owner file is taken as alive (another run may be creating it), unless it
-// is older than a minute.
+// without an owner file is never taken as stale: it may be another run's, still being created,
+// or something else under the same prefix.
 func ownerAlive(dir string) bool {
 	b, err := os.ReadFile(filepath.Join(dir, ownerFile))
 	if err != nil {
-		fi, serr := os.Stat(dir)
-		return serr == nil && time.Since(fi.ModTime()) < time.Minute
+		return true
 	}
 	var pid int
 	var start string
 	if _, err := fmt.Sscan(string(b), &pid, &start); err != nil {
-		return false
+		return true
 	}
 	now, err := processStart(pid)
 	return err == nil && now == start
