@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"os/user"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -211,12 +212,22 @@ func startLocalCluster() (string, func(), error) {
 	// server to shut down (fast) too; cleanStale removes the directory at the next start.
 	srv.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Setpgid: true, Pdeathsig: syscall.SIGINT}
 	srv.Stdout, srv.Stderr = &logs, &logs
-	if err := srv.Start(); err != nil {
+	// The kernel sends Pdeathsig when the thread that started the child exits, not the process;
+	// Go may end threads, so the start happens on a locked thread kept until the server stops.
+	started, threadDone := make(chan error), make(chan struct{})
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine, after stop
+		started <- srv.Start()
+		<-threadDone
+	}()
+	if err := <-started; err != nil {
+		close(threadDone)
 		return "", nil, fmt.Errorf("start postgres: %w", err)
 	}
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {
+			defer close(threadDone)
 			_ = srv.Process.Signal(syscall.SIGINT) // fast shutdown
 			done := make(chan struct{})
 			go func() { _ = srv.Wait(); close(done) }()
