@@ -30,10 +30,13 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-# Regenerate api/ and the travel-booking example's services from the .proto files with buf and
-# the Go plugins (installed by `make tools`). The example has its own buf.yaml and buf.gen.yaml.
+# Regenerate api/ (Go code, and treaty.binpb: descriptors with comments for reflection) and the
+# travel-booking example's services from the .proto files with buf and the Go plugins (installed
+# by `make tools`). The example has its own buf.yaml and buf.gen.yaml.
 generate: tools
 	PATH="$(GOBIN):$$PATH" buf generate
+	# The API's descriptors with source info (comments), embedded for gRPC reflection.
+	PATH="$(GOBIN):$$PATH" buf build -o api/treaty/v1/treaty.binpb
 	cd examples/travel-booking && PATH="$(GOBIN):$$PATH" buf generate
 
 tools:

@@ -17,6 +17,8 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,6 +29,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/grpc/status"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
@@ -34,8 +38,14 @@ import (
 
 // Options configure a Client. Zero values mean the documented defaults.
 type Options struct {
-	// Address of the coordinator, host:port. Required.
+	// Address of the coordinator: host:port; several replicas as host:port,host:port; or a gRPC
+	// target such as dns:///coordinators.internal:7600 (every address the name resolves to).
+	// Required unless Addresses is set. With several replicas, calls are spread round-robin, and
+	// a call that fails with UNAVAILABLE (a replica stopped or unreachable) is retried (see
+	// Retries) on another: safe, since every call the SDK makes is idempotent on its gid.
 	Address string
+	// Addresses are more replicas, host:port each, added to Address.
+	Addresses []string
 	// TLS enables transport security with this configuration; nil means plaintext.
 	TLS *tls.Config
 	// Token, when set, is sent as "authorization: Bearer <token>" on every call.
@@ -67,8 +77,9 @@ type Client struct {
 
 // Dial connects to a coordinator. The connection is lazy: Dial fails only on bad options.
 func Dial(ctx context.Context, opts Options) (*Client, error) {
-	if opts.Address == "" {
-		return nil, fmt.Errorf("sdk: Options.Address is required: %w", ErrInvalidArgument)
+	target, resolverOpt, err := dialTarget(opts)
+	if err != nil {
+		return nil, err
 	}
 	if opts.CallTimeout <= 0 {
 		opts.CallTimeout = 10 * time.Second
@@ -86,13 +97,19 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	if opts.TLS != nil {
 		creds = credentials.NewTLS(opts.TLS)
 	}
-	dopts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, opts.DialOptions...)
+	// Round-robin over every address the target has; a replica that is down drops out of the
+	// rotation until it answers again.
+	dopts := []grpc.DialOption{grpc.WithTransportCredentials(creds), grpc.WithDefaultServiceConfig(roundRobin)}
+	if resolverOpt != nil {
+		dopts = append(dopts, resolverOpt)
+	}
+	dopts = append(dopts, opts.DialOptions...)
 	if opts.Token != "" {
 		dopts = append(dopts, grpc.WithPerRPCCredentials(bearer{token: opts.Token, secure: opts.TLS != nil}))
 	}
-	conn, err := grpc.NewClient(opts.Address, dopts...)
+	conn, err := grpc.NewClient(target, dopts...)
 	if err != nil {
-		return nil, fmt.Errorf("sdk: dial %s: %w", opts.Address, err)
+		return nil, fmt.Errorf("sdk: dial %s: %w", target, err)
 	}
 	return &Client{opts: opts, conn: conn, api: treatyv1.NewCoordinatorClient(conn), log: opts.Logger, pconn: map[string]*grpc.ClientConn{}}, nil
 }
@@ -224,4 +241,36 @@ func (c *Client) participant(addr string) (*grpc.ClientConn, error) {
 func withTreatyMetadata(ctx context.Context, gid, branch, op, mode string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx,
 		"x-treaty-gid", gid, "x-treaty-branch", branch, "x-treaty-op", op, "x-treaty-mode", mode)
+}
+
+const roundRobin = `{"loadBalancingConfig": [{"round_robin": {}}]}`
+
+// dialTarget turns Address and Addresses into a gRPC target: one address or name as it is,
+// several through a resolver of this client's own (nothing registered globally).
+func dialTarget(opts Options) (string, grpc.DialOption, error) {
+	var addrs []string
+	for _, a := range append(strings.Split(opts.Address, ","), opts.Addresses...) {
+		if a = strings.TrimSpace(a); a != "" {
+			addrs = append(addrs, a)
+		}
+	}
+	switch {
+	case len(addrs) == 0:
+		return "", nil, fmt.Errorf("sdk: Options.Address is required: %w", ErrInvalidArgument)
+	case len(addrs) == 1:
+		return addrs[0], nil, nil
+	}
+	state := resolver.State{}
+	for _, a := range addrs {
+		if strings.Contains(a, "://") {
+			return "", nil, fmt.Errorf("sdk: Options.Address: %q: a gRPC target (scheme:///name) must be the only address: %w", a, ErrInvalidArgument)
+		}
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return "", nil, fmt.Errorf("sdk: Options.Address: %q is not host:port: %w", a, ErrInvalidArgument)
+		}
+		state.Addresses = append(state.Addresses, resolver.Address{Addr: a})
+	}
+	r := manual.NewBuilderWithScheme("treaty-replicas")
+	r.InitialState(state)
+	return r.Scheme() + ":///" + strings.Join(addrs, ","), grpc.WithResolvers(r), nil
 }

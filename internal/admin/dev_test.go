@@ -47,8 +47,8 @@ func runDev(t *testing.T, env map[string]string, args ...string) (banner, base s
 	return banner + stderr.String(), "http://" + m[1]
 }
 
-// Dev mode may run the admin API open, and then says so; without --admin-open it wants tokens
-// like serve does.
+// Dev mode may run the admin API open, and then says so; it does on loopback without tokens.
+// Elsewhere, without --admin-open, it wants tokens like serve does.
 func TestDevModeAdminAccess(t *testing.T) {
 	t.Parallel()
 	t.Run("open", func(t *testing.T) {
@@ -73,9 +73,17 @@ func TestDevModeAdminAccess(t *testing.T) {
 		b.getAs(t, "/admin/v1/stats", viewerSecret, &s)
 		require.Zero(t, s.Total)
 	})
+	t.Run("loopback", func(t *testing.T) {
+		t.Parallel()
+		out, base := runDev(t, nil) // on 127.0.0.1 only this machine reaches it: no token needed
+		require.Contains(t, out, "no token needed on loopback")
+		var who admin.Whoami
+		(&bundle{base: base}).getAs(t, "/admin/v1/whoami", "", &who)
+		require.True(t, who.Open)
+	})
 	t.Run("none", func(t *testing.T) {
 		t.Parallel()
-		out, base := runDev(t, nil)
+		out, base := runDev(t, nil, "--http-listen", "0.0.0.0:0") // beyond loopback: tokens or --admin-open
 		require.Contains(t, out, "no tokens configured: refuses every request")
 		r := (&bundle{base: base}).call(t, "GET", "/admin/v1/stats", "", nil)
 		require.Equal(t, http.StatusUnauthorized, r.status)

@@ -19,7 +19,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/reflection"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/admin"
@@ -239,7 +238,10 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	treatyv1.RegisterCoordinatorServer(a.grpc, &server.Coordinator{Engine: a.Engine})
 	a.health = health.NewServer()
 	healthpb.RegisterHealthServer(a.grpc, a.health)
-	reflection.Register(a.grpc)
+	if err := registerReflection(a.grpc); err != nil {
+		_ = lis.Close()
+		return fail(err)
+	}
 	if err := a.Engine.Start(ctx); err != nil {
 		_ = lis.Close()
 		return fail(err)

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"os/user"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -84,18 +85,17 @@ func writeOwner(dir string) error {
 }
 
 // ownerAlive reports whether the process recorded in dir's owner file still runs. A directory
-// without a readable owner file is taken as alive (another run may be creating it), unless it
-// is older than a minute.
+// without an owner file is never taken as stale: it may be another run's, still being created,
+// or something else under the same prefix.
 func ownerAlive(dir string) bool {
 	b, err := os.ReadFile(filepath.Join(dir, ownerFile))
 	if err != nil {
-		fi, serr := os.Stat(dir)
-		return serr == nil && time.Since(fi.ModTime()) < time.Minute
+		return true
 	}
 	var pid int
 	var start string
 	if _, err := fmt.Sscan(string(b), &pid, &start); err != nil {
-		return false
+		return true
 	}
 	now, err := processStart(pid)
 	return err == nil && now == start
@@ -212,12 +212,22 @@ func startLocalCluster() (string, func(), error) {
 	// server to shut down (fast) too; cleanStale removes the directory at the next start.
 	srv.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Setpgid: true, Pdeathsig: syscall.SIGINT}
 	srv.Stdout, srv.Stderr = &logs, &logs
-	if err := srv.Start(); err != nil {
+	// The kernel sends Pdeathsig when the thread that started the child exits, not the process;
+	// Go may end threads, so the start happens on a locked thread kept until the server stops.
+	started, threadDone := make(chan error), make(chan struct{})
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine, after stop
+		started <- srv.Start()
+		<-threadDone
+	}()
+	if err := <-started; err != nil {
+		close(threadDone)
 		return "", nil, fmt.Errorf("start postgres: %w", err)
 	}
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {
+			defer close(threadDone)
 			_ = srv.Process.Signal(syscall.SIGINT) // fast shutdown
 			done := make(chan struct{})
 			go func() { _ = srv.Wait(); close(done) }()

@@ -150,13 +150,24 @@ func TestClusterStoppedWhenInterrupted(t *testing.T) {
 		if err := writeOwner(live); err != nil {
 			t.Fatal(err)
 		}
+		// And a directory without an owner file (another tool's, or one being created).
+		other := filepath.Join(filepath.Dir(dir), clusterDirPrefix+"other")
+		if err := os.Mkdir(other, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		old := time.Now().Add(-time.Hour)
+		if err := os.Chtimes(other, old, old); err != nil {
+			t.Fatal(err)
+		}
 		removed := cleanStale(filepath.Dir(dir))
 		if len(removed) != 1 || removed[0] != dir {
 			t.Fatalf("cleanStale removed %v, want only %s", removed, dir)
 		}
 		waitGone(t, pm, "postgres of the killed run")
-		if _, err := os.Stat(live); err != nil {
-			t.Fatalf("the live cluster's directory was touched: %v", err)
+		for _, d := range []string{live, other} {
+			if _, err := os.Stat(d); err != nil {
+				t.Fatalf("%s was touched: %v", d, err)
+			}
 		}
 	})
 }

@@ -1,5 +1,7 @@
 // Package rawcodec is a gRPC codec that passes already-serialized protobuf bytes through, so a
-// process can call (or serve) any gRPC method without that method's generated code.
+// process can call (or serve) any gRPC method without that method's generated code. The
+// coordinator calls participants through it. To write a participant without .proto files, use
+// sdk/participant's Service, which serves typed Go functions over protobuf messages.
 package rawcodec
 
 import (

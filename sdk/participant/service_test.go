@@ -142,7 +142,10 @@ func TestServiceBarrierInSameTransaction(t *testing.T) {
 			return record(ctx, func(ctx context.Context, q string, args ...any) error { _, err := tx.Exec(ctx, q, args...); return err }, in)
 		})
 		participant.HandleSQL(sqlSvc, m, func(ctx context.Context, tx *sql.Tx, in *wrapperspb.StringValue) (*wrapperspb.StringValue, error) {
-			return record(ctx, func(ctx context.Context, q string, args ...any) error { _, err := tx.ExecContext(ctx, q, args...); return err }, in)
+			return record(ctx, func(ctx context.Context, q string, args ...any) error {
+				_, err := tx.ExecContext(ctx, q, args...)
+				return err
+			}, in)
 		})
 	}
 	for _, svc := range []*participant.Service{pgxSvc, sqlSvc} {

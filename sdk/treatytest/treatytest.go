@@ -14,6 +14,7 @@ package treatytest
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
@@ -44,6 +45,8 @@ type Coordinator struct {
 	// DatabaseURL is the database it uses.
 	DatabaseURL string
 	app         *app.App
+	stopOnce    sync.Once
+	stopErr     error
 }
 
 // Start starts a coordinator for t and stops it when t ends.
@@ -67,14 +70,43 @@ func Start(t testing.TB, opts Options) *Coordinator {
 	if err != nil {
 		t.Fatalf("treatytest: start coordinator: %v", err)
 	}
+	c := &Coordinator{Addr: a.Addr, DatabaseURL: db, app: a}
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := a.Stop(ctx); err != nil {
+		if err := c.Close(); err != nil {
 			t.Errorf("treatytest: stop coordinator: %v", err)
 		}
 	})
-	return &Coordinator{Addr: a.Addr, DatabaseURL: db, app: a}
+	return c
+}
+
+// StartReplicas starts n coordinators sharing one database (opts.DatabaseURL, or a fresh one),
+// as replicas behind a load balancer are. Stop one with Close to see the others take over.
+func StartReplicas(t testing.TB, n int, opts Options) []*Coordinator {
+	t.Helper()
+	if opts.DatabaseURL == "" {
+		opts.DatabaseURL = pgtest.NewDatabase(t)
+	}
+	out := make([]*Coordinator, n)
+	for i := range out {
+		out[i] = Start(t, opts)
+	}
+	return out
+}
+
+// ClientOf returns an SDK client of several coordinators (round-robin, moving to another
+// replica when one is unavailable), closed when t ends.
+func ClientOf(t testing.TB, coords ...*Coordinator) *sdk.Client {
+	t.Helper()
+	addrs := make([]string, len(coords))
+	for i, c := range coords {
+		addrs[i] = c.Addr
+	}
+	cl, err := sdk.Dial(context.Background(), sdk.Options{Addresses: addrs})
+	if err != nil {
+		t.Fatalf("treatytest: dial: %v", err)
+	}
+	t.Cleanup(func() { _ = cl.Close() })
+	return cl
 }
 
 // Client returns an SDK client connected to the coordinator, closed when t ends.
@@ -125,9 +157,13 @@ func NewEmbedded(ctx context.Context) (*Coordinator, error) {
 	return &Coordinator{Addr: a.Addr, app: a}, nil
 }
 
-// Close stops a coordinator started by NewEmbedded (Start's stop themselves with the test).
+// Close stops the coordinator: one started by NewEmbedded when done with it, or one of
+// Start's before the test ends (a replica going away). Later calls return the first's result.
 func (c *Coordinator) Close() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	return c.app.Stop(ctx)
+	c.stopOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c.stopErr = c.app.Stop(ctx)
+	})
+	return c.stopErr
 }

@@ -27,14 +27,20 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// The pattern a transaction follows.
 type Mode int32
 
 const (
+	// Never used.
 	Mode_MODE_UNSPECIFIED Mode = 0
-	Mode_MODE_SAGA        Mode = 1
-	Mode_MODE_TCC         Mode = 2
-	Mode_MODE_TWO_PHASE   Mode = 3
-	Mode_MODE_MESSAGE     Mode = 4
+	// A saga: actions in order, compensations in reverse on the way back.
+	Mode_MODE_SAGA Mode = 1
+	// Try-confirm-cancel, driven by an initiator.
+	Mode_MODE_TCC Mode = 2
+	// Two-phase commit with prepared local transactions.
+	Mode_MODE_TWO_PHASE Mode = 3
+	// A transactional message: delivered if and only if its local transaction committed.
+	Mode_MODE_MESSAGE Mode = 4
 )
 
 // Enum value maps for Mode.
@@ -82,9 +88,11 @@ func (Mode) EnumDescriptor() ([]byte, []int) {
 	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{0}
 }
 
+// A transaction's state, common to every mode (Transaction.phase has the mode's own word).
 type Status int32
 
 const (
+	// Never used.
 	Status_STATUS_UNSPECIFIED Status = 0
 	// Forward progress: actions are being run (saga), tries are being made (TCC).
 	Status_STATUS_RUNNING Status = 1
@@ -149,14 +157,17 @@ func (Status) EnumDescriptor() ([]byte, []int) {
 	return file_treaty_v1_treaty_proto_rawDescGZIP(), []int{1}
 }
 
+// Where one participant call (a branch and an operation) stands.
 type BranchStatus int32
 
 const (
+	// Never used.
 	BranchStatus_BRANCH_STATUS_UNSPECIFIED BranchStatus = 0
 	// Not started.
 	BranchStatus_BRANCH_STATUS_PENDING BranchStatus = 1
 	// Called at least once; the outcome is not known yet (in flight or a transient failure).
-	BranchStatus_BRANCH_STATUS_UNKNOWN   BranchStatus = 2
+	BranchStatus_BRANCH_STATUS_UNKNOWN BranchStatus = 2
+	// The participant answered OK.
 	BranchStatus_BRANCH_STATUS_SUCCEEDED BranchStatus = 3
 	// The participant refused (ABORTED), or a forward action exhausted its retries.
 	BranchStatus_BRANCH_STATUS_FAILED BranchStatus = 4
@@ -354,16 +365,22 @@ func (x *RetryPolicy) GetRetryWindow() *durationpb.Duration {
 	return nil
 }
 
+// One step of a saga: an action and the compensation that undoes it.
 type SagaStep struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique within the saga; [A-Za-z0-9._:-], at most 64 bytes.
-	Name       string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Action     *Call  `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
-	Compensate *Call  `protobuf:"bytes,3,opt,name=compensate,proto3" json:"compensate,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The forward call. OK is done; ABORTED is the participant's "no" (the saga compensates);
+	// anything else is retried under retry.
+	Action *Call `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
+	// The call that undoes action; made for every step whose action ran or may have run, in
+	// reverse order, and retried until it succeeds.
+	Compensate *Call `protobuf:"bytes,3,opt,name=compensate,proto3" json:"compensate,omitempty"`
 	// Names of steps that must succeed before this one starts. When no step of the saga names
 	// any dependency, steps run in the order given.
-	DependsOn []string     `protobuf:"bytes,4,rep,name=depends_on,json=dependsOn,proto3" json:"depends_on,omitempty"`
-	Retry     *RetryPolicy `protobuf:"bytes,5,opt,name=retry,proto3" json:"retry,omitempty"`
+	DependsOn []string `protobuf:"bytes,4,rep,name=depends_on,json=dependsOn,proto3" json:"depends_on,omitempty"`
+	// Retries of this step's calls; unset fields take the coordinator's defaults.
+	Retry *RetryPolicy `protobuf:"bytes,5,opt,name=retry,proto3" json:"retry,omitempty"`
 	// Timeout of one call to the participant (default 5s).
 	CallTimeout   *durationpb.Duration `protobuf:"bytes,6,opt,name=call_timeout,json=callTimeout,proto3" json:"call_timeout,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -442,9 +459,11 @@ func (x *SagaStep) GetCallTimeout() *durationpb.Duration {
 	return nil
 }
 
+// A saga: its steps and how long it may take.
 type SagaSpec struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Steps []*SagaStep            `protobuf:"bytes,1,rep,name=steps,proto3" json:"steps,omitempty"`
+	// The steps, at least one (at most the coordinator's --max-steps).
+	Steps []*SagaStep `protobuf:"bytes,1,rep,name=steps,proto3" json:"steps,omitempty"`
 	// How long forward progress may take from submission (default 1h); past it the saga
 	// compensates.
 	Timeout       *durationpb.Duration `protobuf:"bytes,2,opt,name=timeout,proto3" json:"timeout,omitempty"`
@@ -496,10 +515,12 @@ func (x *SagaSpec) GetTimeout() *durationpb.Duration {
 	return nil
 }
 
+// Submits a saga.
 type SubmitSagaRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Optional idempotency key; generated when empty. At most 128 bytes of [A-Za-z0-9._:-].
-	Gid  string    `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The saga to run.
 	Saga *SagaSpec `protobuf:"bytes,2,opt,name=saga,proto3" json:"saga,omitempty"`
 	// When set, the call returns once the saga is terminal or this much time has passed. A
 	// transaction returned after waiting may come without its event history (call GetTransaction
@@ -560,9 +581,11 @@ func (x *SubmitSagaRequest) GetWait() *durationpb.Duration {
 	return nil
 }
 
+// The saga as stored, or as it ended when the request waited.
 type SubmitSagaResponse struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	Transaction *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
 	// True when the gid already existed with the same spec (nothing new was started).
 	Existing      bool `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -618,11 +641,15 @@ func (x *SubmitSagaResponse) GetExisting() bool {
 type TCCBranch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique within the transaction; [A-Za-z0-9._:-], at most 64 bytes.
-	Name    string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Confirm *Call  `protobuf:"bytes,2,opt,name=confirm,proto3" json:"confirm,omitempty"`
-	Cancel  *Call  `protobuf:"bytes,3,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Makes the try's reservation final; called once the initiator commits, until it succeeds.
+	Confirm *Call `protobuf:"bytes,2,opt,name=confirm,proto3" json:"confirm,omitempty"`
+	// Releases the try's reservation; called on rollback or timeout, until it succeeds, also
+	// when the try never arrived (the participant's barrier makes that an empty cancel).
+	Cancel *Call `protobuf:"bytes,3,opt,name=cancel,proto3" json:"cancel,omitempty"`
 	// Backoff of confirm and cancel retries (max_attempts does not apply: they never give up).
-	Retry         *RetryPolicy         `protobuf:"bytes,4,opt,name=retry,proto3" json:"retry,omitempty"`
+	Retry *RetryPolicy `protobuf:"bytes,4,opt,name=retry,proto3" json:"retry,omitempty"`
+	// Timeout of one confirm or cancel call (default 5s).
 	CallTimeout   *durationpb.Duration `protobuf:"bytes,5,opt,name=call_timeout,json=callTimeout,proto3" json:"call_timeout,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -693,6 +720,7 @@ func (x *TCCBranch) GetCallTimeout() *durationpb.Duration {
 	return nil
 }
 
+// Begins a TCC transaction.
 type BeginTCCRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Optional idempotency key; generated when empty.
@@ -747,10 +775,13 @@ func (x *BeginTCCRequest) GetTimeout() *durationpb.Duration {
 	return nil
 }
 
+// The TCC transaction, in its trying phase.
 type BeginTCCResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
-	Existing      bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	// True when the gid already existed (nothing new was started).
+	Existing      bool `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -799,10 +830,13 @@ func (x *BeginTCCResponse) GetExisting() bool {
 	return false
 }
 
+// Registers one branch of a TCC transaction before its try.
 type RegisterTCCBranchRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
-	Branch        *TCCBranch             `protobuf:"bytes,2,opt,name=branch,proto3" json:"branch,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction's gid.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The branch's confirm and cancel endpoints.
+	Branch        *TCCBranch `protobuf:"bytes,2,opt,name=branch,proto3" json:"branch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -851,6 +885,7 @@ func (x *RegisterTCCBranchRequest) GetBranch() *TCCBranch {
 	return nil
 }
 
+// The outcome of a registration.
 type RegisterTCCBranchResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// True when the branch was already registered with the same spec.
@@ -896,9 +931,11 @@ func (x *RegisterTCCBranchResponse) GetExisting() bool {
 	return false
 }
 
+// Commits a TCC transaction: every registered branch is confirmed.
 type CommitTCCRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Gid   string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The transaction's gid.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
 	// When set, return once every branch is confirmed (or the wait passes).
 	Wait          *durationpb.Duration `protobuf:"bytes,2,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -949,9 +986,11 @@ func (x *CommitTCCRequest) GetWait() *durationpb.Duration {
 	return nil
 }
 
+// The transaction once the commit is recorded (and confirmed, when the request waited).
 type CommitTCCResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction   *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -993,11 +1032,14 @@ func (x *CommitTCCResponse) GetTransaction() *Transaction {
 	return nil
 }
 
+// Rolls back a TCC transaction: every registered branch is cancelled.
 type RollbackTCCRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Gid   string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The transaction's gid.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
 	// Why the initiator rolls back, for the history.
-	Reason        string               `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// When set, return once every branch is cancelled (or the wait passes).
 	Wait          *durationpb.Duration `protobuf:"bytes,3,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1054,9 +1096,11 @@ func (x *RollbackTCCRequest) GetWait() *durationpb.Duration {
 	return nil
 }
 
+// The transaction once the rollback is recorded (and done, when the request waited).
 type RollbackTCCResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction   *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1102,10 +1146,15 @@ func (x *RollbackTCCResponse) GetTransaction() *Transaction {
 type TwoPhaseBranch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique within the transaction; [A-Za-z0-9._:-], at most 64 bytes.
-	Name     string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Prepare  *Call  `protobuf:"bytes,2,opt,name=prepare,proto3" json:"prepare,omitempty"`
-	Commit   *Call  `protobuf:"bytes,3,opt,name=commit,proto3" json:"commit,omitempty"`
-	Rollback *Call  `protobuf:"bytes,4,opt,name=rollback,proto3" json:"rollback,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Prepares the participant's local transaction (e.g. PREPARE TRANSACTION); OK is a yes vote,
+	// anything else a no.
+	Prepare *Call `protobuf:"bytes,2,opt,name=prepare,proto3" json:"prepare,omitempty"`
+	// Commits what prepare prepared; called once the decision to commit is durable, until it
+	// succeeds.
+	Commit *Call `protobuf:"bytes,3,opt,name=commit,proto3" json:"commit,omitempty"`
+	// Rolls back what prepare prepared (or records that it never will); called until it succeeds.
+	Rollback *Call `protobuf:"bytes,4,opt,name=rollback,proto3" json:"rollback,omitempty"`
 	// Backoff of commit and rollback retries (they never give up; prepare is not retried).
 	Retry *RetryPolicy `protobuf:"bytes,5,opt,name=retry,proto3" json:"retry,omitempty"`
 	// Timeout of one call; a prepare not answered within it means rollback (default 5s).
@@ -1186,12 +1235,16 @@ func (x *TwoPhaseBranch) GetCallTimeout() *durationpb.Duration {
 	return nil
 }
 
+// Submits a two-phase commit.
 type Submit2PCRequest struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	Gid      string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
-	Branches []*TwoPhaseBranch      `protobuf:"bytes,2,rep,name=branches,proto3" json:"branches,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Optional idempotency key; generated when empty.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The participants, at least one.
+	Branches []*TwoPhaseBranch `protobuf:"bytes,2,rep,name=branches,proto3" json:"branches,omitempty"`
 	// How long the prepare phase may take (default 1m); past it the transaction rolls back.
-	Timeout       *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	Timeout *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// When set, return once the transaction is terminal or this much time has passed.
 	Wait          *durationpb.Duration `protobuf:"bytes,4,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1255,10 +1308,13 @@ func (x *Submit2PCRequest) GetWait() *durationpb.Duration {
 	return nil
 }
 
+// The two-phase commit as stored, or as it ended when the request waited.
 type Submit2PCResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
-	Existing      bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	// True when the gid already existed with the same spec.
+	Existing      bool `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1312,9 +1368,11 @@ type MsgDelivery struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique within the message; [A-Za-z0-9._:-], at most 64 bytes.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Call *Call  `protobuf:"bytes,2,opt,name=call,proto3" json:"call,omitempty"`
+	// The participant call that delivers the message.
+	Call *Call `protobuf:"bytes,2,opt,name=call,proto3" json:"call,omitempty"`
 	// Backoff of retries (deliveries never give up).
-	Retry         *RetryPolicy         `protobuf:"bytes,3,opt,name=retry,proto3" json:"retry,omitempty"`
+	Retry *RetryPolicy `protobuf:"bytes,3,opt,name=retry,proto3" json:"retry,omitempty"`
+	// Timeout of one call (default 5s).
 	CallTimeout   *durationpb.Duration `protobuf:"bytes,4,opt,name=call_timeout,json=callTimeout,proto3" json:"call_timeout,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1378,10 +1436,14 @@ func (x *MsgDelivery) GetCallTimeout() *durationpb.Duration {
 	return nil
 }
 
+// Prepares a transactional message before the application's local transaction.
 type PrepareMsgRequest struct {
-	state      protoimpl.MessageState `protogen:"open.v1"`
-	Gid        string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
-	Deliveries []*MsgDelivery         `protobuf:"bytes,2,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Optional idempotency key; generated when empty. The application records it in its local
+	// transaction (the barrier does) so that query_prepared can answer.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// What to deliver once the local transaction committed, at least one.
+	Deliveries []*MsgDelivery `protobuf:"bytes,2,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
 	// The application's endpoint that tells whether its local transaction committed (OK) or not
 	// (ABORTED); the SDK implements it from the barrier table.
 	QueryPrepared *Call `protobuf:"bytes,3,opt,name=query_prepared,json=queryPrepared,proto3" json:"query_prepared,omitempty"`
@@ -1449,10 +1511,13 @@ func (x *PrepareMsgRequest) GetTimeout() *durationpb.Duration {
 	return nil
 }
 
+// The message as stored.
 type PrepareMsgResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
-	Existing      bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	// True when the gid already existed with the same spec.
+	Existing      bool `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1501,10 +1566,13 @@ func (x *PrepareMsgResponse) GetExisting() bool {
 	return false
 }
 
+// Says that the message's local transaction committed.
 type SubmitMsgRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
-	Wait          *durationpb.Duration   `protobuf:"bytes,2,opt,name=wait,proto3" json:"wait,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gid PrepareMsg stored.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// When set, return once every delivery succeeded or this much time has passed.
+	Wait          *durationpb.Duration `protobuf:"bytes,2,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1553,9 +1621,11 @@ func (x *SubmitMsgRequest) GetWait() *durationpb.Duration {
 	return nil
 }
 
+// The message once submitted (or delivered, when the request waited).
 type SubmitMsgResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction   *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1597,12 +1667,16 @@ func (x *SubmitMsgResponse) GetTransaction() *Transaction {
 	return nil
 }
 
+// One version of a registered workflow: a saga definition stored under a name.
 type Workflow struct {
-	state   protoimpl.MessageState `protogen:"open.v1"`
-	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Version int32                  `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The workflow's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The version, from 1; each changed definition adds one.
+	Version int32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
 	// The definition: steps with their targets, policies and default payloads.
-	Saga          *SagaSpec              `protobuf:"bytes,3,opt,name=saga,proto3" json:"saga,omitempty"`
+	Saga *SagaSpec `protobuf:"bytes,3,opt,name=saga,proto3" json:"saga,omitempty"`
+	// When this version was registered.
 	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1666,10 +1740,12 @@ func (x *Workflow) GetCreatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+// Registers a workflow definition.
 type RegisterWorkflowRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// [A-Za-z0-9._:-], at most 64 bytes.
-	Name          string    `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The definition; its calls' payloads are the defaults a run may override.
 	Saga          *SagaSpec `protobuf:"bytes,2,opt,name=saga,proto3" json:"saga,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1719,9 +1795,11 @@ func (x *RegisterWorkflowRequest) GetSaga() *SagaSpec {
 	return nil
 }
 
+// The version the definition is stored as.
 type RegisterWorkflowResponse struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	Workflow *Workflow              `protobuf:"bytes,1,opt,name=workflow,proto3" json:"workflow,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The newest version: the one added, or the existing one that equals the definition.
+	Workflow *Workflow `protobuf:"bytes,1,opt,name=workflow,proto3" json:"workflow,omitempty"`
 	// False when the definition equals the newest version (nothing was added).
 	Created       bool `protobuf:"varint,2,opt,name=created,proto3" json:"created,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1772,6 +1850,7 @@ func (x *RegisterWorkflowResponse) GetCreated() bool {
 	return false
 }
 
+// Lists registered workflows.
 type ListWorkflowsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only this workflow's versions; all workflows when empty.
@@ -1817,9 +1896,11 @@ func (x *ListWorkflowsRequest) GetName() string {
 	return ""
 }
 
+// Registered workflows.
 type ListWorkflowsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Workflows     []*Workflow            `protobuf:"bytes,1,rep,name=workflows,proto3" json:"workflows,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every version, by name and then version.
+	Workflows     []*Workflow `protobuf:"bytes,1,rep,name=workflows,proto3" json:"workflows,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1863,9 +1944,11 @@ func (x *ListWorkflowsResponse) GetWorkflows() []*Workflow {
 
 // StepInput overrides a step's payloads for one run.
 type StepInput struct {
-	state             protoimpl.MessageState `protogen:"open.v1"`
-	ActionPayload     []byte                 `protobuf:"bytes,1,opt,name=action_payload,json=actionPayload,proto3" json:"action_payload,omitempty"`
-	CompensatePayload []byte                 `protobuf:"bytes,2,opt,name=compensate_payload,json=compensatePayload,proto3" json:"compensate_payload,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request of the step's action for this run; empty keeps the definition's.
+	ActionPayload []byte `protobuf:"bytes,1,opt,name=action_payload,json=actionPayload,proto3" json:"action_payload,omitempty"`
+	// The request of the step's compensation for this run; empty keeps the definition's.
+	CompensatePayload []byte `protobuf:"bytes,2,opt,name=compensate_payload,json=compensatePayload,proto3" json:"compensate_payload,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -1914,16 +1997,19 @@ func (x *StepInput) GetCompensatePayload() []byte {
 	return nil
 }
 
+// Starts a run of a registered workflow.
 type StartWorkflowRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The workflow's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// 0 = the newest version.
 	Version int32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
 	// Optional idempotency key; generated when empty.
 	Gid string `protobuf:"bytes,3,opt,name=gid,proto3" json:"gid,omitempty"`
 	// Payloads by step name; steps without an entry keep the definition's payloads.
-	Inputs        map[string]*StepInput `protobuf:"bytes,4,rep,name=inputs,proto3" json:"inputs,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Wait          *durationpb.Duration  `protobuf:"bytes,5,opt,name=wait,proto3" json:"wait,omitempty"`
+	Inputs map[string]*StepInput `protobuf:"bytes,4,rep,name=inputs,proto3" json:"inputs,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// When set, return once the run is terminal or this much time has passed.
+	Wait          *durationpb.Duration `protobuf:"bytes,5,opt,name=wait,proto3" json:"wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1993,10 +2079,13 @@ func (x *StartWorkflowRequest) GetWait() *durationpb.Duration {
 	return nil
 }
 
+// The run as stored, or as it ended when the request waited.
 type StartWorkflowResponse struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	Transaction *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
-	Existing    bool                   `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	// True when the gid already existed with the same workflow and inputs.
+	Existing bool `protobuf:"varint,2,opt,name=existing,proto3" json:"existing,omitempty"`
 	// The version that runs.
 	Version       int32 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -2054,9 +2143,11 @@ func (x *StartWorkflowResponse) GetVersion() int32 {
 	return 0
 }
 
+// Asks for one transaction.
 type GetTransactionRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Gid           string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction's gid.
+	Gid           string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2098,9 +2189,11 @@ func (x *GetTransactionRequest) GetGid() string {
 	return ""
 }
 
+// One transaction with its branches and history.
 type GetTransactionResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Transaction   *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction   *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2142,9 +2235,11 @@ func (x *GetTransactionResponse) GetTransaction() *Transaction {
 	return nil
 }
 
+// Waits for one transaction to end.
 type WaitTransactionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Gid   string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The transaction's gid.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
 	// How long to wait at most (default 30s, at most 10m).
 	Timeout       *durationpb.Duration `protobuf:"bytes,2,opt,name=timeout,proto3" json:"timeout,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -2195,9 +2290,11 @@ func (x *WaitTransactionRequest) GetTimeout() *durationpb.Duration {
 	return nil
 }
 
+// The transaction as it is when the wait ended.
 type WaitTransactionResponse struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	Transaction *Transaction           `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transaction.
+	Transaction *Transaction `protobuf:"bytes,1,opt,name=transaction,proto3" json:"transaction,omitempty"`
 	// True when the transaction is terminal; false when the timeout passed first.
 	Terminal      bool `protobuf:"varint,2,opt,name=terminal,proto3" json:"terminal,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -2248,14 +2345,20 @@ func (x *WaitTransactionResponse) GetTerminal() bool {
 	return false
 }
 
+// One participant call of a transaction: a branch and one of its operations.
 type Branch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The branch's name (the saga step, TCC branch, 2PC participant or delivery).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// The endpoint: action/compensate (saga), confirm/cancel (TCC), prepare/commit/rollback (2PC).
-	Op        string                 `protobuf:"bytes,2,opt,name=op,proto3" json:"op,omitempty"`
-	Status    BranchStatus           `protobuf:"varint,3,opt,name=status,proto3,enum=treaty.v1.BranchStatus" json:"status,omitempty"`
-	Attempts  int32                  `protobuf:"varint,4,opt,name=attempts,proto3" json:"attempts,omitempty"`
-	LastError string                 `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	Op string `protobuf:"bytes,2,opt,name=op,proto3" json:"op,omitempty"`
+	// Where the call stands.
+	Status BranchStatus `protobuf:"varint,3,opt,name=status,proto3,enum=treaty.v1.BranchStatus" json:"status,omitempty"`
+	// Calls made so far.
+	Attempts int32 `protobuf:"varint,4,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	// The last failure, as the participant or the network reported it.
+	LastError string `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// When the branch last changed.
 	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	// When a branch that is waiting to be called again is next tried: after a transient failure
 	// (its backoff) or a call held back by an open circuit breaker. Empty when it is not waiting.
@@ -2352,14 +2455,20 @@ func (x *Branch) GetWaitingReason() string {
 	return ""
 }
 
+// One entry of a transaction's history, as the admin timeline shows it.
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Id    int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	At    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
+	// Increasing within the transaction.
+	Id int64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// When it happened (the database's clock).
+	At *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
 	// e.g. submitted, branch_succeeded, branch_failed, branch_retry, compensating, succeeded, ...
-	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
-	Branch        string `protobuf:"bytes,4,opt,name=branch,proto3" json:"branch,omitempty"`
-	Op            string `protobuf:"bytes,5,opt,name=op,proto3" json:"op,omitempty"`
+	Kind string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	// The branch concerned, if any.
+	Branch string `protobuf:"bytes,4,opt,name=branch,proto3" json:"branch,omitempty"`
+	// The branch's operation concerned, if any.
+	Op string `protobuf:"bytes,5,opt,name=op,proto3" json:"op,omitempty"`
+	// What happened, for people: an error, an operator's reason, a decision.
 	Detail        string `protobuf:"bytes,6,opt,name=detail,proto3" json:"detail,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2437,27 +2546,39 @@ func (x *Event) GetDetail() string {
 	return ""
 }
 
+// A transaction as the coordinator stores it.
 type Transaction struct {
-	state     protoimpl.MessageState `protogen:"open.v1"`
-	Gid       string                 `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
-	Mode      Mode                   `protobuf:"varint,2,opt,name=mode,proto3,enum=treaty.v1.Mode" json:"mode,omitempty"`
-	Status    Status                 `protobuf:"varint,3,opt,name=status,proto3,enum=treaty.v1.Status" json:"status,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The global id: the caller's idempotency key.
+	Gid string `protobuf:"bytes,1,opt,name=gid,proto3" json:"gid,omitempty"`
+	// The pattern it follows.
+	Mode Mode `protobuf:"varint,2,opt,name=mode,proto3,enum=treaty.v1.Mode" json:"mode,omitempty"`
+	// Where it stands, common to every mode.
+	Status Status `protobuf:"varint,3,opt,name=status,proto3,enum=treaty.v1.Status" json:"status,omitempty"`
+	// When it was stored.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// When it last changed.
 	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
-	Deadline  *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=deadline,proto3" json:"deadline,omitempty"`
-	Branches  []*Branch              `protobuf:"bytes,7,rep,name=branches,proto3" json:"branches,omitempty"`
-	Events    []*Event               `protobuf:"bytes,8,rep,name=events,proto3" json:"events,omitempty"`
+	// When forward progress must end (a saga compensates, TCC cancels, 2PC rolls back, a
+	// message asks query_prepared).
+	Deadline *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	// Its participant calls.
+	Branches []*Branch `protobuf:"bytes,7,rep,name=branches,proto3" json:"branches,omitempty"`
+	// Its history, oldest first (may be absent from answers that waited; see SubmitSagaRequest.wait).
+	Events []*Event `protobuf:"bytes,8,rep,name=events,proto3" json:"events,omitempty"`
 	// Why the transaction turned back or needs an operator, when it did.
 	Reason string `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
 	// The mode's own name for the status (e.g. trying, confirming, cancelled for TCC).
 	Phase string `protobuf:"bytes,10,opt,name=phase,proto3" json:"phase,omitempty"`
 	// The registered workflow and version this transaction runs, if any.
-	WorkflowName    string `protobuf:"bytes,11,opt,name=workflow_name,json=workflowName,proto3" json:"workflow_name,omitempty"`
-	WorkflowVersion int32  `protobuf:"varint,12,opt,name=workflow_version,json=workflowVersion,proto3" json:"workflow_version,omitempty"`
+	WorkflowName string `protobuf:"bytes,11,opt,name=workflow_name,json=workflowName,proto3" json:"workflow_name,omitempty"`
+	// The version of workflow_name.
+	WorkflowVersion int32 `protobuf:"varint,12,opt,name=workflow_version,json=workflowVersion,proto3" json:"workflow_version,omitempty"`
 	// An operator paused it: nobody drives it until unpaused.
 	Paused bool `protobuf:"varint,13,opt,name=paused,proto3" json:"paused,omitempty"`
 	// Who drives it now (empty when nobody does) and until when.
-	LeaseOwner     string                 `protobuf:"bytes,14,opt,name=lease_owner,json=leaseOwner,proto3" json:"lease_owner,omitempty"`
+	LeaseOwner string `protobuf:"bytes,14,opt,name=lease_owner,json=leaseOwner,proto3" json:"lease_owner,omitempty"`
+	// When lease_owner's lease ends unless renewed.
 	LeaseExpiresAt *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=lease_expires_at,json=leaseExpiresAt,proto3" json:"lease_expires_at,omitempty"`
 	// When someone should next look at it (a retry, or the lease's expiry); unset when finished.
 	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`

@@ -41,6 +41,9 @@ const (
 // CoordinatorClient is the client API for Coordinator service.
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// The coordinator: applications submit and follow transactions here; every call that creates
+// one is idempotent on its gid, so a client may repeat it (on another replica) after an error.
 type CoordinatorClient interface {
 	// SubmitSaga stores a saga and starts driving it. Submitting the same gid with the same spec
 	// again returns the existing transaction; the same gid with another spec is ALREADY_EXISTS.
@@ -223,6 +226,9 @@ func (c *coordinatorClient) StartWorkflow(ctx context.Context, in *StartWorkflow
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
+//
+// The coordinator: applications submit and follow transactions here; every call that creates
+// one is idempotent on its gid, so a client may repeat it (on another replica) after an error.
 type CoordinatorServer interface {
 	// SubmitSaga stores a saga and starts driving it. Submitting the same gid with the same spec
 	// again returns the existing transaction; the same gid with another spec is ALREADY_EXISTS.
