@@ -215,3 +215,69 @@ func TestReplicaCutOffFromPostgres(t *testing.T) {
 		require.Zero(t, seen["s0/compensate"], "%s: nothing turned back", gid)
 	}
 }
+
+// TestParticipantLinkLatencyAndResets: the link between the coordinator and a participant is
+// slow and its connections are reset again and again; every saga still finishes, every step
+// ran, none was turned back.
+func TestParticipantLinkLatencyAndResets(t *testing.T) {
+	t.Parallel()
+	b := setup(t, setupOpts{})
+	proxy, err := netfault.Start(b.part.Addr)
+	require.NoError(t, err)
+	t.Cleanup(proxy.Close)
+	proxy.SetLatency(5 * time.Millisecond)
+	step := func(name string) *treatyv1.SagaStep {
+		return &treatyv1.SagaStep{Name: name,
+			Action:      &treatyv1.Call{Target: "grpc://" + proxy.Addr() + "/test.Svc/Do", Payload: []byte("do")},
+			Compensate:  &treatyv1.Call{Target: "grpc://" + proxy.Addr() + "/test.Svc/Undo", Payload: []byte("undo")},
+			CallTimeout: durationpb.New(2 * time.Second),
+			Retry:       &treatyv1.RetryPolicy{MaxAttempts: 100, InitialBackoff: durationpb.New(10 * time.Millisecond), MaxBackoff: durationpb.New(100 * time.Millisecond)},
+		}
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+				proxy.Reset()
+			}
+		}
+	}()
+	// Sagas keep arriving while connections are reset under them.
+	n := 0
+	for n < 10 || proxy.Resets() < 20 {
+		_, err := b.client.SubmitSaga(t.Context(), &treatyv1.SubmitSagaRequest{Gid: fmt.Sprintf("rst-%02d", n),
+			Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{step("a"), step("b"), step("c")}}})
+		require.NoError(t, err)
+		n++
+		require.Less(t, n, 10000, "the proxy resets connections")
+		select {
+		case <-time.After(10 * time.Millisecond):
+		case <-t.Context().Done():
+		}
+	}
+	close(stop)
+	<-done
+	for i := range n {
+		gid := fmt.Sprintf("rst-%02d", i)
+		require.Eventually(t, func() bool {
+			res, err := b.client.GetTransaction(t.Context(), &treatyv1.GetTransactionRequest{Gid: gid})
+			return err == nil && isTerminal(res.Transaction.Status)
+		}, 60*time.Second, 20*time.Millisecond)
+		res, err := b.client.GetTransaction(t.Context(), &treatyv1.GetTransactionRequest{Gid: gid})
+		require.NoError(t, err)
+		require.Equal(t, treatyv1.Status_STATUS_SUCCEEDED, res.Transaction.Status, gid)
+		for _, s := range []string{"a", "b", "c"} {
+			found := false
+			for _, c := range b.part.CallsFor(gid) {
+				found = found || (c.Branch == s && c.Op == "action")
+			}
+			require.True(t, found, "%s step %s ran", gid, s)
+		}
+	}
+	t.Logf("%d sagas, %d connections reset", n, proxy.Resets())
+}
