@@ -84,6 +84,7 @@ type ChaosResult struct {
 	Stops                int      `json:"stops"`
 	Partitions           int      `json:"partitions"`
 	Resets               int      `json:"resets"`
+	ParticipantLink      int      `json:"participant_link_faults"`
 	FaultsInjected       int64    `json:"faults_injected"`
 	FaultsCoordinator    int64    `json:"faults_coordinator"`
 	FaultsParticipant    int64    `json:"faults_participant"`
@@ -168,6 +169,8 @@ type chaosRun struct {
 	token    string
 	replicas []*chaosReplica
 	ledger   *ledgerServer
+	// partLink is the proxy every call to the ledger goes through.
+	partLink *netfault.Proxy
 	accounts []string
 
 	mu  sync.Mutex
@@ -239,6 +242,11 @@ func RunChaos(ctx context.Context, cfg ChaosConfig) (ChaosResult, error) {
 		return r.res, err
 	}
 	defer r.ledger.stop()
+	if r.partLink, err = netfault.Start(r.ledger.addr); err != nil {
+		return r.res, err
+	}
+	defer r.partLink.Close()
+	r.ledger.via = r.partLink.Addr()
 
 	if err := r.migrate(ctx); err != nil {
 		return r.res, err
@@ -518,9 +526,21 @@ func (r *chaosRun) processFaults(ctx context.Context) {
 	}
 }
 
-// networkFaults cuts a replica's link to PostgreSQL past its lease, or resets its connections.
+// networkFaults cuts a replica's link to PostgreSQL past its lease, or resets its connections,
+// or resets the connections to the participant and slows that link for a while.
 func (r *chaosRun) networkFaults(ctx context.Context) {
 	for sleepCtx(ctx, jitter(2*r.cfg.ProcessFaultEvery)) {
+		if rand.IntN(3) == 0 {
+			n := r.partLink.Reset()
+			r.partLink.SetLatency(50 * time.Millisecond)
+			r.log.Info("participant link: connections reset, 50ms latency for a while", "connections", n)
+			r.mu.Lock()
+			r.res.ParticipantLink++
+			r.mu.Unlock()
+			sleepCtx(ctx, r.cfg.Lease)
+			r.partLink.SetLatency(0)
+			continue
+		}
 		rep := r.victim()
 		if rep == nil {
 			continue
@@ -548,6 +568,7 @@ func (r *chaosRun) networkFaults(ctx context.Context) {
 
 // healAll ends every fault and restarts every replica that is down.
 func (r *chaosRun) healAll(ctx context.Context) error {
+	r.partLink.SetLatency(0)
 	for _, rep := range r.replicas {
 		rep.proxy.Heal()
 		rep.mu.Lock()
@@ -877,7 +898,8 @@ of its own, each reaching PostgreSQL through a TCP proxy, and a ledger participa
 (accounts in another database, behind the SDK's barrier). For --duration, clients move money
 between accounts with sagas and TCC transactions while the campaign:
   - SIGKILLs replicas (restarting them) and SIGSTOPs them for longer than the lease;
-  - cuts a replica's link to PostgreSQL for longer than the lease, or resets its connections;
+  - cuts a replica's link to PostgreSQL for longer than the lease, or resets its connections,
+    and resets and slows the link to the participant;
   - injects call faults through fault rules on the coordinators (/admin/v1/faults: delays,
     lost responses, UNAVAILABLE, dropped calls) and in the participant (sdk/participant).
 Then it heals everything, waits for every transaction to end, and checks that money is

@@ -81,6 +81,7 @@ type ledgerServer struct {
 	barrier *participant.Barrier
 	srv     *grpc.Server
 	addr    string
+	via     string       // the address calls use (a proxy), when not addr
 	faults  atomic.Int64 // calls the participant's own fault rules perturbed
 }
 
@@ -141,7 +142,11 @@ func startLedger(ctx context.Context, dbURL string, accounts []string, balance i
 }
 
 func (l *ledgerServer) target(method string) string {
-	return "grpc://" + l.addr + "/" + ledgerService + "/" + method
+	addr := l.addr
+	if l.via != "" {
+		addr = l.via
+	}
+	return "grpc://" + addr + "/" + ledgerService + "/" + method
 }
 
 func (l *ledgerServer) stop() {
