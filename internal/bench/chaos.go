@@ -750,13 +750,15 @@ func (r *chaosRun) worker(ctx context.Context, w int, seq *atomic.Int64) {
 func (r *chaosRun) waitTerminal(ctx context.Context) (map[string]*treatyv1.Transaction, error) {
 	views := map[string]*treatyv1.Transaction{}
 	missing := map[string]bool{}
-	deadline := time.Now().Add(r.cfg.SettleTimeout)
+	start := time.Now()
+	deadline := start.Add(r.cfg.SettleTimeout)
 	for {
 		pending := 0
 		for _, tx := range r.txs {
-			if v := views[tx.gid]; v != nil || missing[tx.gid] {
+			if v := views[tx.gid]; v != nil {
 				continue
 			}
+			delete(missing, tx.gid) // asked again: a write held by a healed link may land late
 			rep := r.pick()
 			if rep == nil {
 				return nil, errors.New("no replica up to read transactions")
@@ -769,7 +771,7 @@ func (r *chaosRun) waitTerminal(ctx context.Context) (map[string]*treatyv1.Trans
 			cancel()
 			switch {
 			case status.Code(err) == codes.NotFound:
-				missing[tx.gid] = true // the submission never reached the database; it never will now
+				missing[tx.gid] = true // the submission has not reached the database (yet)
 			case err != nil:
 				pending++
 			case res.Transaction.Status == treatyv1.Status_STATUS_SUCCEEDED || res.Transaction.Status == treatyv1.Status_STATUS_COMPENSATED:
@@ -778,7 +780,9 @@ func (r *chaosRun) waitTerminal(ctx context.Context) (map[string]*treatyv1.Trans
 				pending++
 			}
 		}
-		if pending == 0 {
+		// A submission that never reached the database stays missing; one that a blackholed link
+		// held reaches it once healed. Two leases after the heal, every held write has landed.
+		if pending == 0 && time.Since(start) > 2*r.cfg.Lease {
 			for gid := range missing {
 				views[gid] = nil
 			}
