@@ -162,10 +162,12 @@ func TestReplicaCutOffFromPostgres(t *testing.T) {
 	require.Greater(t, healed.Sub(cut), lease, "B could only take over once A's lease had expired")
 
 	// A's calls: none started after its lease could have expired, and every call it had in flight
-	// ended by then (its timeout is bounded by the lease), with a little slack for scheduling.
+	// ended by then (its timeout is bounded by the lease). The slack covers scheduling between the
+	// driver's decision and the wire on a loaded machine; B's work and the heal come much later.
+	const slack = time.Second
 	for _, c := range logA.all() {
-		require.True(t, c.start.Before(cut.Add(lease)), "A started %s %s of %s %s after the cut (lease %s)", c.op, c.branch, c.gid, c.start.Sub(cut), lease)
-		require.True(t, c.end.Before(cut.Add(lease+time.Second)), "A's call %s %s of %s ended %s after the cut", c.op, c.branch, c.gid, c.end.Sub(cut))
+		require.True(t, c.start.Before(cut.Add(lease+slack)), "A started %s %s of %s %s after the cut (lease %s)", c.op, c.branch, c.gid, c.start.Sub(cut), lease)
+		require.True(t, c.end.Before(cut.Add(lease+2*slack)), "A's call %s %s of %s ended %s after the cut", c.op, c.branch, c.gid, c.end.Sub(cut))
 	}
 	require.NotEmpty(t, logB.all(), "B made calls: it took work over")
 	afterCut := 0
@@ -183,7 +185,7 @@ func TestReplicaCutOffFromPostgres(t *testing.T) {
 	settle := time.Now().Add(3 * lease)
 	require.Eventually(t, func() bool { return time.Now().After(settle) }, 30*time.Second, 100*time.Millisecond)
 	for _, c := range logA.all() {
-		require.True(t, c.start.Before(cut.Add(lease)), "after heal A called %s %s of %s", c.op, c.branch, c.gid)
+		require.True(t, c.start.Before(cut.Add(lease+slack)), "after heal A called %s %s of %s", c.op, c.branch, c.gid)
 	}
 	require.True(t, terminal(ca), "A, healed, reads the same finished transactions")
 
