@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/treatyhq/treaty/internal/bench"
+	"github.com/treatyhq/treaty/internal/cli"
 )
 
 // command runs one benchmark with its arguments (the command name removed) and returns the exit
@@ -31,6 +32,7 @@ func commands() map[string]command {
 		"tcc":    {"TCC transactions through the SDK (tries made by the client) against the PostgreSQL commit ceiling", bench.TCCMain},
 		"2pc":    {"two-phase commits through the SDK against the PostgreSQL commit ceiling", bench.TwoPhaseMain},
 		"memory": {"the coordinator's resident memory per active transaction, by payload size (Linux)", bench.MemoryMain},
+		"chaos":  {"a fault campaign: replicas killed, stopped and cut off, call faults; checks money is conserved", bench.ChaosMain},
 	}
 }
 
@@ -65,6 +67,11 @@ func run(ctx context.Context, args []string) int {
 	case "-h", "--help", "help":
 		usage(os.Stdout)
 		return 0
+	}
+	if args[0] == "coordinator" {
+		// Not listed: the chaos campaign runs its coordinator processes through this, so that
+		// one binary is all a user needs.
+		return cli.Main(ctx, args[1:], cli.Env{})
 	}
 	c, ok := commands()[args[0]]
 	if !ok {

@@ -113,6 +113,7 @@ var serveFlags = []flagDoc{
 	{"log-format", "TREATY_LOG_FORMAT", "text"},
 	{"log-level", "TREATY_LOG_LEVEL", "info"},
 	{"migrate", "TREATY_MIGRATE", ""},
+	{"allow-fault-injection", "TREATY_ALLOW_FAULT_INJECTION", ""},
 }
 
 func TestTopLevelHelp(t *testing.T) {

@@ -146,3 +146,23 @@ func (b *bundle) metric(t *testing.T, name string) float64 {
 	}
 	return sum
 }
+
+// TestLiveRulesBounded: every participant call is matched against every live rule, so their
+// number is bounded; past MaxLiveRules creating one is refused, and deleting one makes room.
+func TestLiveRulesBounded(t *testing.T) {
+	t.Parallel()
+	b := setup(t, true)
+	var last faults.Stored
+	for i := range faults.MaxLiveRules {
+		s, err := b.inj.Create(t.Context(), fault.Rule{GIDPrefix: "n-", Effect: fault.EffectDrop, Reason: "r"}, time.Hour, "alice")
+		require.NoError(t, err, "rule %d", i+1)
+		last = s
+	}
+	_, err := b.inj.Create(t.Context(), fault.Rule{Effect: fault.EffectDrop, Reason: "r"}, time.Hour, "alice")
+	require.True(t, errors.Is(err, faults.ErrTooManyRules), "%v", err)
+	require.Len(t, b.inj.Rules(), faults.MaxLiveRules)
+	_, err = b.inj.Delete(t.Context(), mustID(t, last.Rule.ID), "alice")
+	require.NoError(t, err)
+	_, err = b.inj.Create(t.Context(), fault.Rule{Effect: fault.EffectDrop, Reason: "r"}, time.Hour, "alice")
+	require.NoError(t, err)
+}

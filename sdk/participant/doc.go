@@ -89,4 +89,12 @@
 // current database and TwoPhase.Resolve commits or rolls back each according to the
 // coordinator's recorded decision, which the caller's callback supplies (no decision recorded
 // means roll back).
+//
+// # Rehearsing failure
+//
+// FaultInterceptor applies fault rules (package pkg/fault, the format of the coordinator's
+// /admin/v1/faults) to the calls a service receives: delays, error statuses, answers lost after
+// the work committed, calls never answered. Every rule needs a reason and an expiry, so a
+// forgotten rehearsal ends by itself. It is how a team checks, before production does, that its
+// handlers are idempotent and that its compensations cope.
 package participant

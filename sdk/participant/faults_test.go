@@ -125,7 +125,9 @@ func TestFaultInterceptorWithCoordinator(t *testing.T) {
 func TestFaultInterceptorDelayAndDrop(t *testing.T) {
 	t.Parallel()
 	svc := startFaulty(t,
-		rule("slow", func(r *fault.Rule) { r.GIDPrefix, r.Effect, r.Delay = "slow-", fault.EffectDelay, fault.Duration(200*time.Millisecond) }),
+		rule("slow", func(r *fault.Rule) {
+			r.GIDPrefix, r.Effect, r.Delay = "slow-", fault.EffectDelay, fault.Duration(200*time.Millisecond)
+		}),
 		rule("silent", func(r *fault.Rule) { r.GIDPrefix, r.Effect = "drop-", fault.EffectDrop }),
 	)
 	conn, err := grpc.NewClient(svc.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
