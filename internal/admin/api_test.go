@@ -18,6 +18,7 @@ import (
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/admin"
+	"github.com/treatyhq/treaty/internal/store/postgres"
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
@@ -166,14 +167,16 @@ func TestReadAPI(t *testing.T) {
 	})
 
 	t.Run("stats", func(t *testing.T) {
+		// Finished ones are one total estimated from the planner's statistics (cheap at any
+		// size); an analyze of so small a table makes it exact.
+		_, err := b.app.Store.(*postgres.Store).Pool().Exec(context.Background(), "ANALYZE treaty_transactions")
+		require.NoError(t, err)
 		var s admin.Stats
 		b.get(t, "/admin/v1/stats", &s)
+		require.Equal(t, 7, s.Finished)
 		require.Equal(t, 7, s.Total)
-		require.Equal(t, map[string]int{"saga": 7}, s.ByMode)
-		require.ElementsMatch(t, []admin.StatusCount{
-			{Mode: "saga", Status: "succeeded", Count: 5},
-			{Mode: "saga", Status: "compensated", Count: 2},
-		}, s.Counts)
+		require.Empty(t, s.ByMode, "by mode and status: the unfinished")
+		require.Empty(t, s.Counts)
 		require.Zero(t, s.NeedsOperator)
 		require.Zero(t, s.Overdue)
 		require.Nil(t, s.OldestRunningCreatedAt, "nothing is unfinished")

@@ -76,12 +76,15 @@ type TransactionList struct {
 
 // Stats summarises every transaction.
 type Stats struct {
-	Counts        []StatusCount  `json:"counts"`
-	ByMode        map[string]int `json:"by_mode"`
-	Total         int            `json:"total"`
-	NeedsOperator int            `json:"needs_operator"`
-	Due           int            `json:"due"`
-	Overdue       int            `json:"overdue"`
+	Counts []StatusCount  `json:"counts"`
+	ByMode map[string]int `json:"by_mode"`
+	Total  int            `json:"total"`
+	// Finished is how many finished transactions are kept (an estimate on PostgreSQL); Counts
+	// and ByMode hold the unfinished ones, exactly.
+	Finished      int `json:"finished"`
+	NeedsOperator int `json:"needs_operator"`
+	Due           int `json:"due"`
+	Overdue       int `json:"overdue"`
 	// OldestDueSeconds is how long the oldest due transaction has waited for a replica.
 	OldestDueSeconds float64 `json:"oldest_due_seconds"`
 	// OldestRunningCreatedAt is when the oldest unfinished transaction was created.
@@ -189,6 +192,7 @@ func statsJSON(s store.Stats) Stats {
 	out := Stats{
 		Counts: []StatusCount{}, ByMode: map[string]int{},
 		NeedsOperator: s.NeedsOperator, Due: s.Due, Overdue: s.Overdue, OldestDueSeconds: s.OldestDue.Seconds(),
+		Finished: s.Finished, Total: s.Finished,
 	}
 	for _, c := range s.ByStatus {
 		out.Counts = append(out.Counts, StatusCount{Mode: c.Mode, Status: c.Status, Count: c.Count})

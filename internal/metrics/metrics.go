@@ -126,12 +126,13 @@ var (
 	backlogDesc = prometheus.NewDesc("treaty_recovery_backlog", "Live transactions whose next attempt is due (due) or more than a lease overdue (overdue).", []string{"kind"}, nil)
 	oldestDesc  = prometheus.NewDesc("treaty_recovery_oldest_due_seconds", "Age of the oldest due transaction's next attempt.", nil, nil)
 	operDesc    = prometheus.NewDesc("treaty_needs_operator", "Transactions waiting for an operator.", nil, nil)
-	statusDesc  = prometheus.NewDesc("treaty_transactions", "Transactions by mode and status.", []string{"mode", "status"}, nil)
+	statusDesc  = prometheus.NewDesc("treaty_transactions", "Unfinished transactions by mode and status (finished ones: treaty_transactions_finished_total).", []string{"mode", "status"}, nil)
+	storedDesc  = prometheus.NewDesc("treaty_transactions_finished_stored", "Finished transactions kept until retention deletes them (PostgreSQL: estimated from the planner's statistics).", nil, nil)
 	breakerDesc = prometheus.NewDesc("treaty_circuit_breaker_open", "Circuit breaker state per participant endpoint: 0 closed, 0.5 half-open, 1 open.", []string{"target"}, nil)
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{backlogDesc, oldestDesc, operDesc, statusDesc, breakerDesc} {
+	for _, d := range []*prometheus.Desc{backlogDesc, oldestDesc, operDesc, statusDesc, storedDesc, breakerDesc} {
 		ch <- d
 	}
 }
@@ -169,6 +170,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(backlogDesc, prometheus.GaugeValue, float64(s.Overdue), "overdue")
 	ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, s.OldestDue.Seconds())
 	ch <- prometheus.MustNewConstMetric(operDesc, prometheus.GaugeValue, float64(s.NeedsOperator))
+	ch <- prometheus.MustNewConstMetric(storedDesc, prometheus.GaugeValue, float64(s.Finished))
 	for _, k := range s.ByStatus {
 		ch <- prometheus.MustNewConstMetric(statusDesc, prometheus.GaugeValue, float64(k.Count), k.Mode, k.Status)
 	}

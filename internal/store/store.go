@@ -216,9 +216,18 @@ type Workflow struct {
 	CreatedAt time.Time
 }
 
-// Stats summarises the transactions for metrics and the admin API.
+// Stats summarises the transactions for metrics and the admin API. Every scrape of /metrics
+// reads it on every replica, so it must stay cheap however many finished transactions the
+// retention keeps: unfinished ones are counted exactly (from a small index), finished ones are
+// one total from a cheap source.
 type Stats struct {
-	ByStatus      []StatusCount
+	// ByStatus counts the unfinished transactions (every status outside FinishedStatuses) by
+	// mode and status, exactly.
+	ByStatus []StatusCount
+	// Finished is how many finished transactions (FinishedStatuses) are kept: on PostgreSQL an
+	// estimate from the planner's statistics (as fresh as autovacuum's last analyze), exact on
+	// SQLite. How many finished, by mode and outcome, is a counter of the metrics.
+	Finished      int
 	Due           int           // live, next attempt due now
 	Overdue       int           // due for longer than OverdueAfter
 	OldestDue     time.Duration // how long the oldest due transaction has been due

@@ -155,6 +155,7 @@ async function overview(gen) {
   if (gen !== generation) return;
   const cards = el("div", { class: "cards" },
     card(stats.total, "transactions"),
+    card(stats.finished, "finished (estimate)"),
     card(stats.needs_operator, "need an operator", stats.needs_operator > 0, "#/transactions?status=needs_operator"),
     card(stats.due, "due now"),
     card(stats.overdue, "overdue", stats.overdue > 0),
@@ -167,7 +168,7 @@ async function overview(gen) {
   render(el("h1", {}, "Overview"), cards,
     el("h2", {}, "Needs an operator"), txTable(needs.transactions, "Nothing waits for an operator."),
     el("h2", {}, "Recent failures"), txTable(failed.transactions, "No transaction turned back recently."),
-    el("h2", {}, "By mode and status"), stats.counts.length ? counts : el("p", { class: "muted" }, "No transactions yet."),
+    el("h2", {}, "Unfinished, by mode and status"), stats.counts.length ? counts : el("p", { class: "muted" }, "Nothing unfinished."),
     el("h2", {}, "Reconciliation jobs ", el("span", { class: "muted" }, "(last runs on replica " + jobs.replica + ")")),
     table(["job", "last run", "findings", "detail", "sample"], jobs.jobs.map((j) => [
       j.name, j.last_run ? ago(j.last_run) : "not yet",
