@@ -194,7 +194,8 @@ func TestSagaRidesOutParticipantRestartMidSaga(t *testing.T) {
 // once the participant is back, and the history says why.
 func TestSagaCompensatesWhenDownPastRetryWindow(t *testing.T) {
 	t.Parallel()
-	b := setup(t, setupOpts{engine: engine.Config{Retry: engine.RetryDefaults{Window: 3 * time.Second}}})
+	// Compensations to the participant fail until it is back: a threshold that leaves room for that.
+	b := setup(t, setupOpts{engine: engine.Config{Retry: engine.RetryDefaults{Window: 3 * time.Second}, OperatorThreshold: 20}})
 	p := newRestartable(t, nil)
 	gid := "down-past-window"
 	submitSaga(t, b, gid, b.step("first"), defaultStep("pay", p))
