@@ -550,13 +550,17 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 			b.NextAt = minTime(b.NextAt, b.RetryUntil)
 			return s, nil
 		}
-		b.Status, b.LastError = StatusFailed, r.Err
+		b.Status = StatusFailed
 		why := fmt.Sprintf("retry window %s ended %s, calls held back without being sent", step.RetryWindow, clock(b.RetryUntil))
-		if b.Attempts > 0 {
-			why = fmt.Sprintf("%d times, %s", b.Attempts, why)
+		last := r.Err
+		if b.Attempts > 0 && b.LastError != "" {
+			// The participant's own last answer says more than the breaker that stopped asking.
+			why = fmt.Sprintf("failed %d times, retry window %s ended %s, the last calls held back", b.Attempts, step.RetryWindow, clock(b.RetryUntil))
+			last = b.LastError
 		}
-		events := []Event{{Kind: "branch_exhausted", Step: name, Op: r.Op, Detail: why + ": " + r.Err}}
-		return s, append(events, s.turnBack(fmt.Sprintf("step %q %s: %s", name, why, r.Err))...)
+		b.LastError = last
+		events := []Event{{Kind: "branch_exhausted", Step: name, Op: r.Op, Detail: why + ": " + last}}
+		return s, append(events, s.turnBack(fmt.Sprintf("step %q %s: %s", name, why, last))...)
 	}
 	var events []Event
 	ev := func(kind, detail string) {
