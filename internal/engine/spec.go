@@ -36,11 +36,10 @@ const (
 	DefaultMaxPayloadBytes = 1 << 20
 	DefaultMaxTimeout      = 7 * 24 * time.Hour
 	DefaultSagaTimeout     = time.Hour
-	// Backoff of TCC, 2PC and message calls (sagas take RetryDefaults).
-	DefaultInitialBackoff = 100 * time.Millisecond
-	DefaultMaxBackoff     = 10 * time.Second
-	DefaultCallTimeout    = 5 * time.Second
-	MaxCallTimeout        = 5 * time.Minute
+	DefaultInitialBackoff  = 100 * time.Millisecond // TCC, 2PC and messages; sagas take RetryDefaults
+	DefaultMaxBackoff      = 10 * time.Second
+	DefaultCallTimeout     = 5 * time.Second
+	MaxCallTimeout         = 5 * time.Minute
 )
 
 func (l Limits) withDefaults() Limits {
@@ -152,8 +151,8 @@ func planSaga(spec *treatyv1.SagaSpec, lim Limits, rd RetryDefaults) (*sagaPlan,
 		if err != nil {
 			return nil, err
 		}
-		p.policy = append(p.policy, pol)
 		p.steps = append(p.steps, st)
+		p.policy = append(p.policy, pol)
 	}
 	for i, s := range spec.Steps {
 		for _, d := range s.DependsOn {

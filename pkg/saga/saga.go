@@ -540,7 +540,27 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 			delay = r.RetryAfter + time.Duration(float64(step.InitialBackoff)*r.Jitter)
 		}
 		b.NextAt = r.At.Add(delay)
-		return s, nil
+		if r.Op != OpAction || s.Phase != PhaseRunning || step.RetryWindow <= 0 {
+			return s, nil
+		}
+		// Held back is as good as failed for the window: a saga whose calls are all held back
+		// by an open breaker turns back when its window ends, as one whose calls fail does.
+		startWindow(spec, step, b, r.At)
+		if r.At.Before(b.RetryUntil) {
+			b.NextAt = minTime(b.NextAt, b.RetryUntil)
+			return s, nil
+		}
+		b.Status = StatusFailed
+		why := fmt.Sprintf("retry window %s ended %s, calls held back without being sent", step.RetryWindow, clock(b.RetryUntil))
+		last := r.Err
+		if b.Attempts > 0 && b.LastError != "" {
+			// The participant's own last answer says more than the breaker that stopped asking.
+			why = fmt.Sprintf("failed %d times, retry window %s ended %s, the last calls held back", b.Attempts, step.RetryWindow, clock(b.RetryUntil))
+			last = b.LastError
+		}
+		b.LastError = last
+		events := []Event{{Kind: "branch_exhausted", Step: name, Op: r.Op, Detail: why + ": " + last}}
+		return s, append(events, s.turnBack(fmt.Sprintf("step %q %s: %s", name, why, last))...)
 	}
 	var events []Event
 	ev := func(kind, detail string) {
@@ -567,12 +587,7 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 				ev("branch_failed", r.Err)
 				break
 			}
-			if step.RetryWindow > 0 && b.RetryUntil.IsZero() {
-				b.RetryUntil = r.At.Add(step.RetryWindow)
-				if !spec.Deadline.IsZero() && spec.Deadline.Before(b.RetryUntil) {
-					b.RetryUntil = spec.Deadline
-				}
-			}
+			startWindow(spec, step, b, r.At)
 			if why := exhausted(step, *b, r.At); why != "" {
 				b.Status = StatusFailed
 				ev("branch_exhausted", fmt.Sprintf("%s: %s", why, r.Err))
@@ -602,6 +617,24 @@ func Apply(spec Spec, s State, r Result) (State, []Event) {
 		}
 	}
 	return s, events
+}
+
+// startWindow starts a forward action's retry window at its first failure, if it has one.
+func startWindow(spec Spec, step Step, b *Branch, at time.Time) {
+	if step.RetryWindow <= 0 || !b.RetryUntil.IsZero() {
+		return
+	}
+	b.RetryUntil = at.Add(step.RetryWindow)
+	if !spec.Deadline.IsZero() && spec.Deadline.Before(b.RetryUntil) {
+		b.RetryUntil = spec.Deadline
+	}
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
 
 // exhausted says why a forward action that just failed transiently gives up, or "" to retry.

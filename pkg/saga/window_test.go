@@ -151,3 +151,70 @@ func TestNotSentComesBackAfterRetryAfter(t *testing.T) {
 	require.Zero(t, s.Steps[0].Action.Attempts)
 	require.Equal(t, t0.Add(1550*time.Millisecond), s.Steps[0].Action.NextAt)
 }
+
+// A step whose calls are all held back (the breaker stays open) turns back when its window ends,
+// although no call was ever sent; nothing needs compensating for it.
+func TestRetryWindowEndsForCallsHeldBack(t *testing.T) {
+	t.Parallel()
+	t0 := time.Date(2026, 1, 2, 14, 0, 0, 0, time.UTC)
+	spec := saga.Spec{
+		Steps:             []saga.Step{{Name: "pay", InitialBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, RetryWindow: time.Minute}},
+		Deadline:          t0.Add(time.Hour),
+		OperatorThreshold: 1,
+	}
+	s := saga.New(spec)
+	now := t0
+	var evs []saga.Event
+	for range 1000 {
+		var calls []saga.Call
+		var wake time.Time
+		s, calls, _, wake = saga.Advance(spec, s, now)
+		if s.Phase != saga.PhaseRunning {
+			break
+		}
+		if len(calls) == 0 {
+			now = wake
+			continue
+		}
+		s, evs = saga.Apply(spec, s, saga.Result{Step: 0, Op: saga.OpAction, Outcome: saga.Transient, Err: "breaker open", At: now, NotSent: true, RetryAfter: time.Second})
+		require.Zero(t, s.Steps[0].Action.Attempts, "held back is not an attempt")
+		if s.Phase != saga.PhaseRunning {
+			break
+		}
+	}
+	require.Equal(t, saga.PhaseCompensating, s.Phase)
+	require.Equal(t, t0.Add(time.Minute), now, "it turns back when the window ends")
+	require.Equal(t, "branch_exhausted", evs[0].Kind)
+	require.Contains(t, s.Reason, "retry window 1m0s ended 14:01:00.000Z, calls held back without being sent: breaker open")
+	require.False(t, saga.NeedsCompensation(s.Steps[0]), "a call never sent needs no compensation")
+	s, _, _, _ = saga.Advance(spec, s, now)
+	require.Equal(t, saga.PhaseCompensated, s.Phase)
+}
+
+// A step that failed, then had its calls held back until the window ended, gives up with the
+// participant's last answer, not the breaker's.
+func TestRetryWindowEndsHeldBackAfterFailures(t *testing.T) {
+	t.Parallel()
+	t0 := time.Date(2026, 1, 2, 14, 0, 0, 0, time.UTC)
+	spec := saga.Spec{
+		Steps:             []saga.Step{{Name: "pay", InitialBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, RetryWindow: 10 * time.Second}},
+		Deadline:          t0.Add(time.Hour),
+		OperatorThreshold: 1,
+	}
+	s := saga.New(spec)
+	s, _, _, _ = saga.Advance(spec, s, t0)
+	s, _ = saga.Apply(spec, s, saga.Result{Step: 0, Op: saga.OpAction, Outcome: saga.Transient, Err: "payments down", At: t0})
+	now := s.Steps[0].Action.NextAt
+	for s.Phase == saga.PhaseRunning {
+		var calls []saga.Call
+		var wake time.Time
+		s, calls, _, wake = saga.Advance(spec, s, now)
+		if len(calls) == 0 {
+			now = wake
+			continue
+		}
+		s, _ = saga.Apply(spec, s, saga.Result{Step: 0, Op: saga.OpAction, Outcome: saga.Transient, Err: "breaker open", At: now, NotSent: true, RetryAfter: time.Second})
+	}
+	require.Equal(t, `step "pay" failed 1 times, retry window 10s ended 14:00:10.000Z, the last calls held back: payments down`, s.Reason)
+	require.True(t, saga.NeedsCompensation(s.Steps[0]), "the one real attempt may have taken effect")
+}

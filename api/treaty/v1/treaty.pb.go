@@ -297,11 +297,12 @@ type RetryPolicy struct {
 	// Backoff before the second attempt (default 100ms); doubles each attempt, with jitter.
 	// At most 1h.
 	InitialBackoff *durationpb.Duration `protobuf:"bytes,2,opt,name=initial_backoff,json=initialBackoff,proto3" json:"initial_backoff,omitempty"`
-	// Upper bound of the backoff (default 1s, or initial_backoff when that is larger). At most
-	// 24h, and not below initial_backoff.
+	// Upper bound of the backoff. Default for saga steps 1s (or initial_backoff when that is
+	// larger), so a participant that is back is called again within a second; for TCC, 2PC and
+	// message calls 10s. At most 24h, and not below initial_backoff.
 	MaxBackoff *durationpb.Duration `protobuf:"bytes,3,opt,name=max_backoff,json=maxBackoff,proto3" json:"max_backoff,omitempty"`
-	// How long a forward action is retried after its first transient failure (default 5m;
-	// at most 7 days); the transaction's deadline ends it earlier.
+	// How long a saga step's action is retried after its first transient failure (default 5m;
+	// at most 7 days); the transaction's deadline ends it earlier. Saga steps only.
 	RetryWindow   *durationpb.Duration `protobuf:"bytes,4,opt,name=retry_window,json=retryWindow,proto3" json:"retry_window,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
