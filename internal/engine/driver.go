@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -55,6 +56,9 @@ type driver struct {
 	// lastWrite is when this driver last recorded anything; wroteOnce whether it has.
 	lastWrite time.Time
 	wroteOnce bool
+	// ended is set once this driver gave the transaction up on purpose (finished, paused or
+	// handed back): a renewal that then fails is no takeover.
+	ended atomic.Bool
 }
 
 // heartbeat is how long a driver goes without writing before it writes anyway; well below any
@@ -358,6 +362,9 @@ func (d *driver) persist(events []store.Event) bool {
 				d.e.cfg.Observer.LeaseLost()
 				return false
 			}
+			if p.Terminal {
+				d.ended.Store(true)
+			}
 			d.extendLease(sent, d.e.cfg.Lease)
 			d.persisted = now
 			d.lastWrite, d.wroteOnce = time.Now(), true
@@ -384,6 +391,7 @@ func (d *driver) persist(events []store.Event) bool {
 func (d *driver) release() {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 5*time.Second)
 	defer cancel()
+	d.ended.Store(true)
 	rel := store.Release{GID: d.gid, Epoch: d.epoch, NextAttemptAt: nextAttempt(d.m.branches())}
 	if err := d.e.cfg.Store.ReleaseLeases(ctx, d.e.cfg.Owner, []store.Release{rel}); err != nil {
 		d.log().Warn("could not release lease at shutdown; it will expire", "err", err)

@@ -65,11 +65,12 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 			e.log.Error("recovery: cannot resume transaction; it stays due", "gid", c.Transaction.GID, "err", err)
 			continue
 		}
-		e.log.Info("recovery: resuming transaction", "gid", d.gid, "epoch", d.epoch, "status", c.Transaction.Status)
 		if !e.start(d) {
 			// Stopping: hand it straight back.
 			_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: d.gid, Epoch: d.epoch}})
+			continue
 		}
+		e.log.Info("recovery: resuming transaction", "gid", d.gid, "epoch", d.epoch, "status", c.Transaction.Status)
 	}
 	return len(claimed), nil
 }
@@ -176,9 +177,12 @@ func (e *Engine) renewLoop(ctx context.Context) {
 			if res.Renewed[d.gid] {
 				d.extendLease(sent, e.cfg.Lease)
 			} else {
-				// Finished meanwhile, or taken over: either way this driver must not go on.
+				// Finished meanwhile, or taken over: either way this driver must not go on. Only
+				// a takeover counts as a lost lease.
 				d.cancelLost()
-				e.cfg.Observer.LeaseLost()
+				if !d.ended.Load() {
+					e.cfg.Observer.LeaseLost()
+				}
 			}
 		}
 	}
