@@ -131,7 +131,7 @@ func sagaStateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch)
 		if !ok {
 			continue
 		}
-		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt, Uncertain: r.Uncertain}
+		b := branchOf(r)
 		if r.Op == string(saga.OpCompensate) {
 			s.Steps[i].Compensate = b
 		} else {
