@@ -77,6 +77,17 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 
 // resume rebuilds a driver from stored rows.
 func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) {
+	m, err := e.machineFromRows(c)
+	if err != nil {
+		return nil, err
+	}
+	d := e.newDriver(c.Transaction.GID, c.Transaction.Mode, c.Transaction.Epoch, m, leaseUntil)
+	d.row = c.Transaction
+	return d, nil
+}
+
+// machineFromRows rebuilds a transaction's state machine from its stored rows.
+func (e *Engine) machineFromRows(c store.Claimed) (machine, error) {
 	t := c.Transaction
 	var m machine
 	switch t.Mode {
@@ -113,9 +124,7 @@ func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) 
 	default:
 		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
 	}
-	d := e.newDriver(t.GID, t.Mode, t.Epoch, m, leaseUntil)
-	d.row = t
-	return d, nil
+	return m, nil
 }
 
 func sagaStateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) saga.State {

@@ -282,14 +282,15 @@ async function transaction(gen, gid) {
 }
 
 function showTransaction(gen, t) {
-  // Offer actions to operators on transactions not finished. The server's state machines still
-  // decide; this only keeps buttons that can only answer "no" out of the way.
+  // Offer only the actions the transaction's state machine allows now (the server lists them in
+  // t.actions); it still decides when one is asked, so a button never promises more.
+  const allowed = (a) => (t.actions || []).includes(a);
   const finished = ["succeeded", "compensated"].includes(t.state) && !t.paused;
-  const operator = me && me.role === "operator" && !finished;
+  const operator = me && me.role === "operator";
   const why = finished ? "the transaction is finished" : "needs an operator token";
-  const actionButtons = ["retry", "resume", "rollback", t.paused ? "unpause" : "pause"].map((a) =>
+  const actionButtons = ["retry", "resume", "rollback", t.paused ? "unpause" : "pause"].filter(allowed).map((a) =>
     el("button", { type: "button", "data-action": a, class: a === "rollback" ? "danger" : "", disabled: !operator,
-      title: operator ? ACTIONS[a].what : why, onclick: () => act(gen, t, a) }, ACTIONS[a].label));
+      title: operator ? ACTIONS[a].what : "needs an operator token", onclick: () => act(gen, t, a) }, ACTIONS[a].label));
   const facts = el("dl", { class: "facts" },
     fact("mode", t.mode),
     fact("status", [badge(t.status, t.state), " ", el("span", { class: "muted" }, t.state.replace(/_/g, " ")), t.paused ? [" ", badge("paused")] : null]),
@@ -303,8 +304,8 @@ function showTransaction(gen, t) {
   const branches = table(["branch", "op", "status", "attempts", "last error", "updated", ""], (t.branches || []).map((b) => [
     b.name, b.op, badge(b.status), String(b.attempts), el("span", { class: "wrap" }, b.last_error || ""), ago(b.updated_at),
     b.status === "succeeded" || b.status === "skipped" ? "" :
-      el("button", { type: "button", "data-action": "resolve", "data-branch": b.name, "data-op": b.op, disabled: !operator,
-        title: operator ? ACTIONS.resolve.what : why,
+      el("button", { type: "button", "data-action": "resolve", "data-branch": b.name, "data-op": b.op, disabled: !operator || finished,
+        title: operator && !finished ? ACTIONS.resolve.what : why,
         onclick: () => act(gen, t, "resolve", b) }, ACTIONS.resolve.label),
   ]));
   const timeline = el("ol", { class: "timeline", id: "timeline" }, (t.events || []).map((e) =>
