@@ -30,18 +30,19 @@ func (*leaseObserver) JobRan(string, int, bool)                         {}
 
 // A lease that is not renewed because its transaction just finished is no lost lease:
 // treaty_leases_lost_total counts takeovers only. Sagas finish all the time while the renewer
-// (every lease/3, here 100ms) runs; none was taken over, so none may be counted.
+// (every lease/3, here 500ms) runs; none was taken over, so none may be counted. (The lease is
+// long enough that a loaded machine does not let one run out for real.)
 func TestFinishedTransactionsAreNoLostLeases(t *testing.T) {
 	t.Parallel()
 	obs := &leaseObserver{}
-	b := setup(t, setupOpts{engine: engine.Config{Lease: 300 * time.Millisecond, Observer: obs}})
+	b := setup(t, setupOpts{engine: engine.Config{Lease: 1500 * time.Millisecond, Observer: obs}})
 	ctx := context.Background()
 	var wg sync.WaitGroup
 	for w := range 4 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := range 60 {
+			for i := range 150 {
 				_, err := b.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: fmt.Sprintf("lease-%d-%d", w, i),
 					Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("a"), b.step("b", "a")}}, Wait: durationpb.New(30 * time.Second)})
 				if err != nil {

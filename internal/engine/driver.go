@@ -353,6 +353,10 @@ func (d *driver) persist(events []store.Event) bool {
 	for i := range p.Events {
 		p.Events[i].Detail = storable(p.Events[i].Detail)
 	}
+	if p.Terminal {
+		// Set before the write: the renewer may see the lease gone as soon as it commits.
+		d.ended.Store(true)
+	}
 	backoff := 50 * time.Millisecond
 	for {
 		res, sent, err := d.e.record(d.ctx, p)
@@ -361,9 +365,6 @@ func (d *driver) persist(events []store.Event) bool {
 				d.log().Warn("lost ownership: another replica took over this transaction; stopping without writing")
 				d.e.cfg.Observer.LeaseLost()
 				return false
-			}
-			if p.Terminal {
-				d.ended.Store(true)
 			}
 			d.extendLease(sent, d.e.cfg.Lease)
 			d.persisted = now
