@@ -217,7 +217,7 @@ func (d *driver) run() {
 			}
 		case req := <-d.ops:
 			if req.op.Action == ActionPause && inFlight > 0 {
-				req.reply <- fmt.Errorf("%w: %d participant calls are in flight; pause once they land (try again)", ErrConflict, inFlight)
+				req.reply <- fmt.Errorf("%w: %w: %d participant calls are in flight; pause once they land", ErrConflict, errTryAgain, inFlight)
 				break
 			}
 			events, err := d.applyOperation(req.op)
@@ -226,7 +226,7 @@ func (d *driver) run() {
 				break
 			}
 			if !d.persist(append(pending, events...)) {
-				req.reply <- fmt.Errorf("%w: lost the transaction while recording the action; try again", ErrConflict)
+				req.reply <- fmt.Errorf("%w: %w: lost the transaction while recording the action", ErrConflict, errTryAgain)
 				return
 			}
 			pending = pending[:0]

@@ -56,6 +56,7 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	defer e.applyQueued(ctx)
 	if len(claimed) > 0 {
 		e.cfg.Observer.LeasesClaimed(len(claimed))
 	}
