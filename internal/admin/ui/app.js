@@ -345,6 +345,12 @@ function act(gen, t, action, branch) {
       if (branch) { body.branch = branch.name; body.op = branch.op; }
       const after = await api("/transactions/" + encodeURIComponent(t.gid) + "/" + action, { method: "POST", body: JSON.stringify(body) });
       d.close();
+      if (after.code === "queued") {
+        // Another replica drives it: that replica applies the action; the page follows.
+        flash(ACTIONS[action].label + ": " + after.message);
+        if (gen === generation) schedule(gen, () => transaction(gen, t.gid));
+        return;
+      }
       flash(ACTIONS[action].label + ": recorded in the history.");
       if (gen === generation) {
         showTransaction(gen, after);
