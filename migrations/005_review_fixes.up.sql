@@ -21,3 +21,17 @@ CREATE INDEX treaty_transactions_created ON treaty_transactions (created_at, gid
 -- this small partial index, not from the whole table (finished rows stay for the retention).
 CREATE INDEX treaty_transactions_unfinished ON treaty_transactions (mode, status)
     WHERE status NOT IN ('succeeded', 'compensated', 'confirmed', 'cancelled', 'committed', 'rolled_back', 'aborted');
+
+-- Operator actions asked of a replica that does not drive the transaction: queued here, applied
+-- by whichever replica drives it (or claims it idle), then deleted.
+CREATE TABLE treaty_operator_queue (
+    id        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    gid       text        NOT NULL REFERENCES treaty_transactions (gid) ON DELETE CASCADE,
+    action    text        NOT NULL,
+    branch    text        NOT NULL DEFAULT '',
+    op        text        NOT NULL DEFAULT '',
+    actor     text        NOT NULL,
+    reason    text        NOT NULL,
+    queued_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX treaty_operator_queue_gid ON treaty_operator_queue (gid);

@@ -303,11 +303,13 @@ func (h *Handler) get(w http.ResponseWriter, r *http.Request, _ caller) error {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), readTimeout)
 	defer cancel()
-	t, err := h.eng.Get(ctx, gid)
+	t, actions, err := h.eng.View(ctx, gid)
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, transactionJSON(t))
+	out := transactionJSON(t)
+	out.Actions = actions
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 
@@ -379,7 +381,11 @@ func (h *Handler) action(name string) handlerFunc {
 			return err
 		}
 		h.log.Info("operator action", "gid", op.GID, "action", name, "branch", op.Branch, "op", op.Op, "actor", op.Actor, "reason", op.Reason)
-		writeJSON(w, http.StatusOK, transactionJSON(t))
+		out := transactionJSON(t)
+		if _, actions, err := h.eng.View(ctx, op.GID); err == nil {
+			out.Actions = actions // what may follow; without it the answer still stands
+		}
+		writeJSON(w, http.StatusOK, out)
 		return nil
 	}
 }

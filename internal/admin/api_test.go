@@ -368,6 +368,18 @@ func TestActions(t *testing.T) {
 		return b.call(t, "POST", "/admin/v1/transactions/"+gid+"/"+action, operatorSecret, body)
 	}
 
+	t.Run("the transaction lists the actions its state machine allows", func(t *testing.T) {
+		var tx admin.Transaction
+		b.get(t, "/admin/v1/transactions/act-done", &tx)
+		require.Empty(t, tx.Actions, "a finished saga offers nothing (no force rollback)")
+		b.get(t, "/admin/v1/transactions/act-stuck", &tx)
+		require.Contains(t, tx.Actions, "resume")
+		require.NotContains(t, tx.Actions, "unpause")
+		for _, a := range tx.Actions {
+			require.Contains(t, []string{"retry", "resume", "rollback", "pause", "unpause"}, a)
+		}
+	})
+
 	t.Run("409 when the action makes no sense", func(t *testing.T) {
 		for _, action := range []string{"retry", "resume", "rollback", "pause", "unpause"} {
 			r := post("act-done", action, admin.ActionRequest{Reason: "why not"})

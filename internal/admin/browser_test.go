@@ -177,6 +177,7 @@ func TestDashboardInBrowser(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS(`#timeline li[data-kind="operator_resume"]`)))
 	require.Contains(t, text(`#timeline li[data-kind="operator_resume"]`), "by alice: "+reason)
 	do("the page follows the transaction to its end", chromedp.WaitVisible(chromedp.CSS(`.facts [data-status="compensated"]`)))
+	require.Zero(t, count(`button[data-action="rollback"]`), "a compensated transaction offers no force rollback")
 	require.Contains(t, text("#flash"), "Resume: recorded")
 	shot("dashboard-transaction-resumed.png")
 

@@ -28,6 +28,7 @@ var errorCodes = []struct {
 	code   string
 }{
 	{engine.ErrNotFound, http.StatusNotFound, "not_found"},
+	{engine.ErrQueued, http.StatusAccepted, "queued"},
 	{engine.ErrConflict, http.StatusConflict, "conflict"},
 	{engine.ErrFailedPrecondition, http.StatusConflict, "conflict"},
 	{engine.ErrAlreadyExists, http.StatusConflict, "already_exists"},

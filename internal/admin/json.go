@@ -40,6 +40,10 @@ type Transaction struct {
 	LeaseExpiresAt  *time.Time `json:"lease_expires_at,omitempty"`
 	Branches        []Branch   `json:"branches,omitempty"`
 	Events          []Event    `json:"events,omitempty"`
+	// Actions are the operator actions (retry, resume, rollback, pause, unpause) the
+	// transaction's state machine allows now; only on the single-transaction routes. Resolve
+	// is judged per branch when asked.
+	Actions []string `json:"actions,omitempty"`
 }
 
 // Branch is one participant call of a transaction (a branch and an op).

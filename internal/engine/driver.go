@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -57,6 +58,9 @@ type driver struct {
 	// lastWrite is when this driver last recorded anything; wroteOnce whether it has.
 	lastWrite time.Time
 	wroteOnce bool
+	// ended is set once this driver gave the transaction up on purpose (finished, paused or
+	// handed back): a renewal that then fails is no takeover.
+	ended atomic.Bool
 }
 
 // heartbeat is how long a driver goes without writing before it writes anyway; well below any
@@ -220,7 +224,7 @@ func (d *driver) run() {
 			}
 		case req := <-d.ops:
 			if req.op.Action == ActionPause && inFlight > 0 {
-				req.reply <- fmt.Errorf("%w: %d participant calls are in flight; pause once they land (try again)", ErrConflict, inFlight)
+				req.reply <- fmt.Errorf("%w: %w: %d participant calls are in flight; pause once they land", ErrConflict, errTryAgain, inFlight)
 				break
 			}
 			events, err := d.applyOperation(req.op)
@@ -229,7 +233,7 @@ func (d *driver) run() {
 				break
 			}
 			if !d.persist(append(pending, events...)) {
-				req.reply <- fmt.Errorf("%w: lost the transaction while recording the action; try again", ErrConflict)
+				req.reply <- fmt.Errorf("%w: %w: lost the transaction while recording the action", ErrConflict, errTryAgain)
 				return
 			}
 			pending = pending[:0]
@@ -357,6 +361,10 @@ func (d *driver) persist(events []store.Event) bool {
 	for i := range p.Events {
 		p.Events[i].Detail = storable(p.Events[i].Detail)
 	}
+	if p.Terminal {
+		// Set before the write: the renewer may see the lease gone as soon as it commits.
+		d.ended.Store(true)
+	}
 	backoff := 50 * time.Millisecond
 	for {
 		res, sent, err := d.e.record(d.ctx, p)
@@ -392,6 +400,7 @@ func (d *driver) persist(events []store.Event) bool {
 func (d *driver) release() {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(d.ctx), 5*time.Second)
 	defer cancel()
+	d.ended.Store(true)
 	rel := store.Release{GID: d.gid, Epoch: d.epoch, NextAttemptAt: nextAttempt(d.m.branches())}
 	if err := d.e.cfg.Store.ReleaseLeases(ctx, d.e.cfg.Owner, []store.Release{rel}); err != nil {
 		d.log().Warn("could not release lease at shutdown; it will expire", "err", err)

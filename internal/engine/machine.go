@@ -84,3 +84,14 @@ func branchIndex(names func(i int) string, n int, name string) int {
 // deadline: a TCC whose initiator has not decided, a message not yet submitted. The row must
 // stay unleased then, so that the initiator's registration, commit or submit finds it free.
 func waitsForInitiator(status string) bool { return status == "trying" || status == "prepared" }
+
+// branchOf is the state machines' view of a stored branch (every mode shares saga.Branch).
+func branchOf(r store.Branch) saga.Branch {
+	return saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt, Uncertain: r.Uncertain}
+}
+
+// rowOf is the stored view of one op of a machine's branch.
+func rowOf(name, op string, pos int, b saga.Branch) store.Branch {
+	return store.Branch{Branch: name, Op: op, Position: pos, Status: string(b.Status), Attempts: b.Attempts,
+		LastError: b.LastError, NextAttemptAt: b.NextAt, Uncertain: b.Uncertain}
+}

@@ -224,7 +224,7 @@ func (e *Engine) msgFromRows(t store.Transaction, rows []store.Branch) (*msgMach
 	m.state = msg.New(m.spec)
 	m.state.Phase, m.state.Reason = msg.Phase(t.Status), t.Reason
 	for _, r := range rows {
-		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt, Uncertain: r.Uncertain}
+		b := branchOf(r)
 		if r.Op == string(msg.OpQuery) {
 			m.state.Query = b
 		} else if i, ok := idx[r.Branch]; ok {
@@ -264,12 +264,9 @@ func (m *msgMachine) reason() string { return m.state.Reason }
 func (m *msgMachine) terminal() bool { return m.state.Phase.Terminal() }
 
 func (m *msgMachine) branches() []store.Branch {
-	q := m.state.Query
-	out := []store.Branch{{Branch: queryBranch, Op: string(msg.OpQuery), Position: 0, Status: string(q.Status),
-		Attempts: q.Attempts, LastError: q.LastError, NextAttemptAt: q.NextAt, Uncertain: q.Uncertain}}
+	out := []store.Branch{rowOf(queryBranch, string(msg.OpQuery), 0, m.state.Query)}
 	for i, b := range m.state.Deliveries {
-		out = append(out, store.Branch{Branch: m.plan.deliveries[i].name, Op: string(msg.OpDeliver), Position: i + 1,
-			Status: string(b.Status), Attempts: b.Attempts, LastError: b.LastError, NextAttemptAt: b.NextAt, Uncertain: b.Uncertain})
+		out = append(out, rowOf(m.plan.deliveries[i].name, string(msg.OpDeliver), i+1, b))
 	}
 	return out
 }

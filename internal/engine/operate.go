@@ -104,10 +104,97 @@ func (e *Engine) Operate(ctx context.Context, op Operation) (*treatyv1.Transacti
 		}
 		return e.Get(ctx, op.GID)
 	}
-	if err := e.operateIdle(ctx, op); err != nil {
+	err := e.operateIdle(ctx, op)
+	if errors.Is(err, store.ErrLeased) {
+		// Another replica drives it now: queue the action durably; that replica (or whichever
+		// claims the transaction next) applies it within a recovery pass.
+		q, qerr := e.cfg.Store.QueueOperation(ctx, store.QueuedOperation{GID: op.GID, Action: op.Action, Branch: op.Branch,
+			Op: op.Op, Actor: op.Actor, Reason: op.Reason})
+		if qerr != nil {
+			return nil, qerr
+		}
+		return nil, fmt.Errorf("%w (#%d): %w; the replica driving it applies it within a recovery pass and records it in the history", ErrQueued, q.ID, err)
+	}
+	if err != nil {
 		return nil, err
 	}
 	return e.Get(ctx, op.GID)
+}
+
+// ErrQueued: the action was stored for the replica that drives the transaction, which applies
+// it shortly (or refuses it, saying why in its log); not an error for the operator.
+var ErrQueued = errors.New("queued")
+
+// maxQueuedPerPass bounds the queued operator actions one recovery pass looks at.
+const maxQueuedPerPass = 16
+
+// applyQueued applies operator actions queued by other replicas: to a transaction this replica
+// drives, through its driver; to an idle one, by claiming it. A transaction another replica
+// drives is left to that replica. An action applied or refused is deleted; the refusal is
+// logged (the state moved on since it was asked). If this replica dies after applying and
+// before deleting, the next one applies it again, which the state machine then refuses.
+func (e *Engine) applyQueued(ctx context.Context) {
+	qs, err := e.cfg.Store.QueuedOperations(ctx, maxQueuedPerPass)
+	if err != nil {
+		if ctx.Err() == nil {
+			e.log.Warn("reading queued operator actions failed", "err", err)
+		}
+		return
+	}
+	for _, q := range qs {
+		op := Operation{GID: q.GID, Action: q.Action, Branch: q.Branch, Op: q.Op, Actor: q.Actor, Reason: q.Reason}
+		e.mu.Lock()
+		d := e.active[q.GID]
+		e.mu.Unlock()
+		var err error
+		if d != nil {
+			err = e.operateDriven(ctx, d, op)
+		} else {
+			err = e.operateIdle(ctx, op)
+		}
+		switch {
+		case errors.Is(err, store.ErrLeased), errors.Is(err, errDriverGone), errors.Is(err, errTryAgain):
+			continue // driven elsewhere, or just changing hands: a later pass
+		case errors.Is(err, ErrConflict):
+			e.log.Warn("queued operator action refused", "gid", q.GID, "action", q.Action, "actor", q.Actor, "queued_at", q.QueuedAt, "err", err)
+		case errors.Is(err, store.ErrNotFound), errors.Is(err, ErrNotFound), err == nil:
+			if err == nil {
+				e.log.Info("queued operator action applied", "gid", q.GID, "action", q.Action, "actor", q.Actor, "queued_at", q.QueuedAt)
+			}
+		default:
+			if ctx.Err() == nil {
+				e.log.Warn("applying a queued operator action failed; it stays queued", "gid", q.GID, "action", q.Action, "err", err)
+			}
+			continue
+		}
+		if err := e.cfg.Store.DeleteQueuedOperation(ctx, q.ID); err != nil && ctx.Err() == nil {
+			e.log.Warn("could not delete an applied operator action; it will be refused when seen again", "id", q.ID, "err", err)
+		}
+	}
+}
+
+var (
+	errDriverGone = errors.New("the transaction's driver just stopped")
+	// errTryAgain: refused for now, not for good (calls in flight, ownership changing hands).
+	errTryAgain = errors.New("try again")
+)
+
+// operateDriven hands an action to the driver of a transaction this replica drives.
+func (e *Engine) operateDriven(ctx context.Context, d *driver, op Operation) error {
+	req := opRequest{op: op, reply: make(chan error, 1)}
+	select {
+	case d.ops <- req:
+	case <-d.ctx.Done():
+		return errDriverGone
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-req.reply:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (e *Engine) operateIdle(ctx context.Context, op Operation) error {
@@ -117,7 +204,7 @@ func (e *Engine) operateIdle(ctx context.Context, op Operation) error {
 	case errors.Is(err, store.ErrNotFound):
 		return fmt.Errorf("gid %q: %w", op.GID, ErrNotFound)
 	case errors.Is(err, store.ErrLeased):
-		return fmt.Errorf("%w: %w; try again in a moment", ErrConflict, err)
+		return err
 	case err != nil:
 		return err
 	}

@@ -56,6 +56,7 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	defer e.applyQueued(ctx)
 	if len(claimed) > 0 {
 		e.cfg.Observer.LeasesClaimed(len(claimed))
 	}
@@ -65,17 +66,29 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 			e.log.Error("recovery: cannot resume transaction; it stays due", "gid", c.Transaction.GID, "err", err)
 			continue
 		}
-		e.log.Info("recovery: resuming transaction", "gid", d.gid, "epoch", d.epoch, "status", c.Transaction.Status)
 		if !e.start(d) {
 			// Stopping: hand it straight back.
 			_ = e.cfg.Store.ReleaseLeases(context.WithoutCancel(ctx), e.cfg.Owner, []store.Release{{GID: d.gid, Epoch: d.epoch}})
+			continue
 		}
+		e.log.Info("recovery: resuming transaction", "gid", d.gid, "epoch", d.epoch, "status", c.Transaction.Status)
 	}
 	return len(claimed), nil
 }
 
 // resume rebuilds a driver from stored rows.
 func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) {
+	m, err := e.machineFromRows(c)
+	if err != nil {
+		return nil, err
+	}
+	d := e.newDriver(c.Transaction.GID, c.Transaction.Mode, c.Transaction.Epoch, m, leaseUntil)
+	d.row = c.Transaction
+	return d, nil
+}
+
+// machineFromRows rebuilds a transaction's state machine from its stored rows.
+func (e *Engine) machineFromRows(c store.Claimed) (machine, error) {
 	t := c.Transaction
 	var m machine
 	switch t.Mode {
@@ -112,9 +125,7 @@ func (e *Engine) resume(c store.Claimed, leaseUntil time.Time) (*driver, error) 
 	default:
 		return nil, fmt.Errorf("mode %q is not supported by this coordinator version", t.Mode)
 	}
-	d := e.newDriver(t.GID, t.Mode, t.Epoch, m, leaseUntil)
-	d.row = t
-	return d, nil
+	return m, nil
 }
 
 func sagaStateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) saga.State {
@@ -130,7 +141,7 @@ func sagaStateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch)
 		if !ok {
 			continue
 		}
-		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt, Uncertain: r.Uncertain}
+		b := branchOf(r)
 		if r.Op == string(saga.OpCompensate) {
 			s.Steps[i].Compensate = b
 		} else {
@@ -176,9 +187,12 @@ func (e *Engine) renewLoop(ctx context.Context) {
 			if res.Renewed[d.gid] {
 				d.extendLease(sent, e.cfg.Lease)
 			} else {
-				// Finished meanwhile, or taken over: either way this driver must not go on.
+				// Finished meanwhile, or taken over: either way this driver must not go on. Only
+				// a takeover counts as a lost lease.
 				d.cancelLost()
-				e.cfg.Observer.LeaseLost()
+				if !d.ended.Load() {
+					e.cfg.Observer.LeaseLost()
+				}
 			}
 		}
 	}

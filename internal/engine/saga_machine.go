@@ -74,11 +74,7 @@ func (m *sagaMachine) branches() []store.Branch {
 			op saga.Op
 			b  saga.Branch
 		}{{saga.OpAction, st.Action}, {saga.OpCompensate, st.Compensate}} {
-			out = append(out, store.Branch{
-				Branch: m.plan.steps[i].name, Op: string(x.op), Position: i,
-				Status: string(x.b.Status), Attempts: x.b.Attempts, LastError: x.b.LastError,
-				NextAttemptAt: x.b.NextAt, Uncertain: x.b.Uncertain,
-			})
+			out = append(out, rowOf(m.plan.steps[i].name, string(x.op), i, x.b))
 		}
 	}
 	return out

@@ -281,7 +281,7 @@ func (e *Engine) tccFromRows(t store.Transaction, rows []store.Branch) (*tccMach
 	m.state.Phase = tcc.Phase(t.Status)
 	m.state.Reason = t.Reason
 	for _, r := range rows {
-		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt, Uncertain: r.Uncertain}
+		b := branchOf(r)
 		i := idx[r.Branch]
 		if r.Op == string(tcc.OpCancel) {
 			m.state.Branches[i].Cancel = b
@@ -329,11 +329,7 @@ func (m *tccMachine) branches() []store.Branch {
 			op tcc.Op
 			b  saga.Branch
 		}{{tcc.OpConfirm, st.Confirm}, {tcc.OpCancel, st.Cancel}} {
-			out = append(out, store.Branch{
-				Branch: m.branches_[i].name, Op: string(x.op), Position: i,
-				Status: string(x.b.Status), Attempts: x.b.Attempts, LastError: x.b.LastError,
-				NextAttemptAt: x.b.NextAt, Uncertain: x.b.Uncertain,
-			})
+			out = append(out, rowOf(m.branches_[i].name, string(x.op), i, x.b))
 		}
 	}
 	return out

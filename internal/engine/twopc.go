@@ -185,7 +185,7 @@ func (e *Engine) twopcFromRows(t store.Transaction, rows []store.Branch) (*twopc
 		if !ok {
 			continue
 		}
-		b := saga.Branch{Status: saga.Status(r.Status), Attempts: r.Attempts, LastError: r.LastError, NextAt: r.NextAttemptAt, Uncertain: r.Uncertain}
+		b := branchOf(r)
 		switch twopc.Op(r.Op) {
 		case twopc.OpPrepare:
 			m.state.Branches[i].Prepare = b
@@ -244,11 +244,7 @@ func (m *twopcMachine) branches() []store.Branch {
 			op twopc.Op
 			b  saga.Branch
 		}{{twopc.OpPrepare, st.Prepare}, {twopc.OpCommit, st.Commit}, {twopc.OpRollback, st.Rollback}} {
-			out = append(out, store.Branch{
-				Branch: m.plan.branches[i].name, Op: string(x.op), Position: i,
-				Status: string(x.b.Status), Attempts: x.b.Attempts, LastError: x.b.LastError,
-				NextAttemptAt: x.b.NextAt, Uncertain: x.b.Uncertain,
-			})
+			out = append(out, rowOf(m.plan.branches[i].name, string(x.op), i, x.b))
 		}
 	}
 	return out

@@ -435,7 +435,7 @@ Usage:
 		if !found {
 			return fmt.Errorf("no dead letter with id %s", id)
 		}
-		fmt.Fprintf(stdout, "%s: %sd\n", id, action)
+		fmt.Fprintf(stdout, "%s: %s\n", id, map[string]string{"requeue": "requeued", "discard": "discarded"}[action])
 	default:
 		return fmt.Errorf("unknown action %q: want list, requeue or discard", action)
 	}

@@ -340,6 +340,13 @@ type Store interface {
 	// DeleteFinished deletes up to batch transactions (with branches and events) in
 	// FinishedStatuses not updated for olderThan; it returns how many.
 	DeleteFinished(ctx context.Context, olderThan time.Duration, batch int) (int, error)
+	// QueueOperation stores an operator action for the replica that drives gid to apply; it
+	// returns the queued row (with its id), or ErrNotFound.
+	QueueOperation(ctx context.Context, q QueuedOperation) (QueuedOperation, error)
+	// QueuedOperations returns up to limit queued actions, oldest first.
+	QueuedOperations(ctx context.Context, limit int) ([]QueuedOperation, error)
+	// DeleteQueuedOperation removes a queued action once it was applied or refused.
+	DeleteQueuedOperation(ctx context.Context, id int64) error
 	// Now returns the database clock.
 	Now(ctx context.Context) (time.Time, error)
 	// Ping checks that the database answers and the schema is current.
@@ -347,4 +354,12 @@ type Store interface {
 	Close()
 	// FaultStore keeps the fault-injection rules of game days.
 	FaultStore
+}
+
+// QueuedOperation is an operator action waiting for the replica that drives its transaction.
+type QueuedOperation struct {
+	ID                      int64
+	GID, Action, Branch, Op string
+	Actor, Reason           string
+	QueuedAt                time.Time
 }

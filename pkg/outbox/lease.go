@@ -31,8 +31,13 @@ func (r *Relay) leaseTick(ctx context.Context) error {
 		" ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now(), expires_at = now() + $2::interval", r.cfg.ID, ttl); err != nil {
 		return err
 	}
-	var live int
-	if err := r.cfg.Pool.QueryRow(ctx, "SELECT count(*) FROM "+r.n.relays+" WHERE expires_at > now()").Scan(&live); err != nil {
+	// live (heartbeat not expired) sizes this relay's share: a relay that is only late keeps its
+	// place. beating (a heartbeat within half a lease, when one comes every third) is what the
+	// live_relays gauge reports: a killed relay drops out of it at its first missed beat instead
+	// of counting until its heartbeat expires.
+	var live, beating int
+	if err := r.cfg.Pool.QueryRow(ctx, "SELECT count(*) FILTER (WHERE expires_at > now()), count(*) FILTER (WHERE heartbeat_at > now() - $1::interval) FROM "+r.n.relays,
+		ttl/2).Scan(&live, &beating); err != nil {
 		return err
 	}
 	live = max(live, 1)
@@ -77,7 +82,7 @@ func (r *Relay) leaseTick(ctx context.Context) error {
 	}
 	target := (r.nSlots + live - 1) / live
 	kept := len(r.held) - len(r.release)
-	r.live = live
+	r.live = max(beating, 1)
 	r.mu.Unlock()
 
 	if len(stray) > 0 {

@@ -440,3 +440,33 @@ func TestRelayConfigValidation(t *testing.T) {
 	require.ErrorContains(t, err, "want block or skip")
 	_ = kafka.Message{}
 }
+
+// liveObserver records the live relays a relay last reported.
+type liveObserver struct {
+	outbox.NopObserver
+	live atomic.Int64
+}
+
+func (o *liveObserver) Slots(_, _, live int) { o.live.Store(int64(live)) }
+
+// live_relays counts relays that beat: one killed a moment ago (its heartbeat row not expired
+// yet, but no beat for more than half a lease) no longer counts.
+func TestLiveRelaysCountsOnlyBeatingRelays(t *testing.T) {
+	t.Parallel()
+	pool := newPool(t, outbox.MigrateOptions{Slots: 8})
+	kc := newKafka(t, 1, nil, "ev")
+	obs := &liveObserver{}
+	startRelay(t, outbox.RelayConfig{Pool: pool, Brokers: kc.ListenAddrs(), LeaseTTL: 3 * time.Second, Observer: obs})
+	waitFor(t, 20*time.Second, "one live relay", func() bool { return obs.live.Load() == 1 })
+	// Two relays that were killed: their rows expire in a minute, their last beat was 2s ago.
+	_, err := pool.Exec(context.Background(), `INSERT INTO treaty_outbox_relay (relay_id, heartbeat_at, expires_at)
+		VALUES ('killed-1', now() - interval '2 seconds', now() + interval '1 minute'),
+		       ('killed-2', now() - interval '2 seconds', now() + interval '1 minute')`)
+	require.NoError(t, err)
+	// And one that beats: counted.
+	_, err = pool.Exec(context.Background(), `INSERT INTO treaty_outbox_relay (relay_id, heartbeat_at, expires_at)
+		VALUES ('beating', now() + interval '1 minute', now() + interval '1 minute')`)
+	require.NoError(t, err)
+	waitFor(t, 20*time.Second, "the relay and the beating one, not the killed ones", func() bool { return obs.live.Load() == 2 })
+	require.Never(t, func() bool { return obs.live.Load() != 2 }, 3*time.Second, 100*time.Millisecond)
+}

@@ -452,7 +452,12 @@ func Advance(spec Spec, s State, now time.Time) (State, []Call, []Event, time.Ti
 			}
 			if !NeedsCompensation(*st) {
 				c.Status = StatusSkipped
-				events = append(events, Event{Kind: "branch_skipped", Step: spec.Steps[i].Name, Op: OpCompensate, Detail: "action never ran"})
+				detail := "action never ran; nothing to undo"
+				if st.Action.Status == StatusFailed {
+					// Refused for certain (an uncertain or repeated attempt needs compensating).
+					detail = "action was refused; nothing to undo"
+				}
+				events = append(events, Event{Kind: "branch_skipped", Step: spec.Steps[i].Name, Op: OpCompensate, Detail: detail})
 			}
 		}
 		settled := 0

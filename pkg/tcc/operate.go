@@ -1,79 +1,33 @@
 package tcc
 
 import (
-	"fmt"
-
 	"github.com/treatyhq/treaty/pkg/saga"
 )
+
+// way is TCC in the words of saga.TwoWay: decided, it confirms or cancels.
+var way = saga.TwoWay[Phase]{
+	Open: PhaseTrying, Forward: PhaseConfirming, Backward: PhaseCancelling,
+	ForwardDone: PhaseConfirmed, BackwardDone: PhaseCancelled, NeedsOperator: PhaseNeedsOperator,
+	ForwardOp: saga.Op(OpConfirm), BackwardOp: saga.Op(OpCancel),
+	TurnedBackBy: "cancelled by ",
+	ForwardFinal: "the initiator committed: confirmations cannot be undone",
+	ResolveWant:  "a registered branch and confirm or cancel",
+}
 
 // Operate applies an operator action (see saga.Action) to a TCC transaction. For ActionResolve,
 // Step is the branch index and Op is confirm or cancel.
 func Operate(spec Spec, s State, op saga.Operation) (State, []Event, error) {
 	s = s.Clone()
-	deny := func(format string, args ...any) (State, []Event, error) {
-		return s, nil, fmt.Errorf("%w: %s", saga.ErrNotAllowed, fmt.Sprintf(format, args...))
+	st := saga.TwoWayState[Phase]{Phase: s.Phase, Reason: s.Reason}
+	for i := range s.Branches {
+		st.Forward = append(st.Forward, &s.Branches[i].Confirm)
+		st.Backward = append(st.Backward, &s.Branches[i].Cancel)
+		st.Names = append(st.Names, spec.Branches[i].Name)
 	}
-	ops := func(o Op) []*Branch {
-		out := make([]*Branch, len(s.Branches))
-		for i := range s.Branches {
-			out[i] = s.branch(i, o)
-		}
-		return out
+	evs, err := saga.OperateTwoWay(way, &st, spec.OperatorThreshold, op)
+	if err != nil {
+		return s, nil, err
 	}
-	switch op.Action {
-	case saga.ActionRetry:
-		if s.Phase != PhaseConfirming && s.Phase != PhaseCancelling {
-			return deny("the transaction is %s: nothing is waiting to be retried", s.Phase)
-		}
-		if saga.RetryNow(append(ops(OpConfirm), ops(OpCancel)...)...) == 0 {
-			return deny("no branch is waiting out a backoff")
-		}
-		return s, []Event{saga.OperatorEvent(op, "", "")}, nil
-	case saga.ActionRollback:
-		switch s.Phase {
-		case PhaseTrying:
-			s.Phase, s.Reason = PhaseCancelling, "cancelled by "+op.Actor+": "+op.Reason
-			return s, []Event{saga.OperatorEvent(op, "", ""), {Kind: "cancelling", Detail: s.Reason}}, nil
-		case PhaseConfirming, PhaseConfirmed:
-			return deny("the initiator committed: confirmations cannot be undone")
-		case PhaseCancelling, PhaseCancelled:
-			return deny("the transaction is already %s", s.Phase)
-		}
-		return deny("a confirm or cancel is stuck; resume the transaction or resolve the branch")
-	case saga.ActionResume:
-		if s.Phase != PhaseNeedsOperator {
-			return deny("the transaction is %s; only one waiting for an operator can be resumed", s.Phase)
-		}
-		s.Phase, s.Reason = s.direction(), saga.ReasonBeforeOperator(s.Reason)
-		saga.FreshAttempts(spec.OperatorThreshold, append(ops(OpConfirm), ops(OpCancel)...)...)
-		return s, []Event{saga.OperatorEvent(op, "", "")}, nil
-	case saga.ActionResolve:
-		if op.Step < 0 || op.Step >= len(s.Branches) || (Op(op.Op) != OpConfirm && Op(op.Op) != OpCancel) {
-			return deny("no such branch op: want a registered branch and confirm or cancel")
-		}
-		phase := s.Phase
-		if phase == PhaseNeedsOperator {
-			phase = s.direction()
-		}
-		if (phase == PhaseConfirming) != (Op(op.Op) == OpConfirm) || (phase != PhaseConfirming && phase != PhaseCancelling) {
-			return deny("the transaction is %s: %s is not what it is doing", s.Phase, op.Op)
-		}
-		if err := saga.ResolveBranch(s.branch(op.Step, Op(op.Op)), op.Actor); err != nil {
-			return s, nil, err
-		}
-		s.Phase = phase
-		return s, []Event{saga.OperatorEvent(op, spec.Branches[op.Step].Name, op.Op)}, nil
-	}
-	return deny("unknown action %q", op.Action)
-}
-
-// direction tells which way a transaction waiting for an operator was going: confirming if any
-// confirm was attempted, else cancelling.
-func (s State) direction() Phase {
-	for _, b := range s.Branches {
-		if b.Confirm.Attempts > 0 || b.Confirm.Status != saga.StatusPending {
-			return PhaseConfirming
-		}
-	}
-	return PhaseCancelling
+	s.Phase, s.Reason = st.Phase, st.Reason
+	return s, evs, nil
 }

@@ -291,14 +291,15 @@ async function transaction(gen, gid) {
 }
 
 function showTransaction(gen, t) {
-  // Offer actions to operators on transactions not finished. The server's state machines still
-  // decide; this only keeps buttons that can only answer "no" out of the way.
+  // Offer only the actions the transaction's state machine allows now (the server lists them in
+  // t.actions); it still decides when one is asked, so a button never promises more.
+  const allowed = (a) => (t.actions || []).includes(a);
   const finished = ["succeeded", "compensated"].includes(t.state) && !t.paused;
-  const operator = me && me.role === "operator" && !finished;
+  const operator = me && me.role === "operator";
   const why = finished ? "the transaction is finished" : "needs an operator token";
-  const actionButtons = ["retry", "resume", "rollback", t.paused ? "unpause" : "pause"].map((a) =>
+  const actionButtons = ["retry", "resume", "rollback", t.paused ? "unpause" : "pause"].filter(allowed).map((a) =>
     el("button", { type: "button", "data-action": a, class: a === "rollback" ? "danger" : "", disabled: !operator,
-      title: operator ? ACTIONS[a].what : why, onclick: () => act(gen, t, a) }, ACTIONS[a].label));
+      title: operator ? ACTIONS[a].what : "needs an operator token", onclick: () => act(gen, t, a) }, ACTIONS[a].label));
   const facts = el("dl", { class: "facts" },
     fact("mode", t.mode),
     fact("status", [badge(t.status, t.state), " ", el("span", { class: "muted" }, t.state.replace(/_/g, " ")), t.paused ? [" ", badge("paused")] : null]),
@@ -314,8 +315,8 @@ function showTransaction(gen, t) {
     b.next_attempt_at ? el("span", { class: "wrap next-attempt" }, when(b.next_attempt_at) + " (" + untilText(b.next_attempt_at) + ")",
       b.waiting_reason ? el("div", { class: "muted waiting-reason" }, b.waiting_reason) : null) : "",
     b.status === "succeeded" || b.status === "skipped" ? "" :
-      el("button", { type: "button", "data-action": "resolve", "data-branch": b.name, "data-op": b.op, disabled: !operator,
-        title: operator ? ACTIONS.resolve.what : why,
+      el("button", { type: "button", "data-action": "resolve", "data-branch": b.name, "data-op": b.op, disabled: !operator || finished,
+        title: operator && !finished ? ACTIONS.resolve.what : why,
         onclick: () => act(gen, t, "resolve", b) }, ACTIONS.resolve.label),
   ]));
   const timeline = el("ol", { class: "timeline", id: "timeline" }, (t.events || []).map((e) =>
@@ -355,6 +356,12 @@ function act(gen, t, action, branch) {
       if (branch) { body.branch = branch.name; body.op = branch.op; }
       const after = await api("/transactions/" + encodeURIComponent(t.gid) + "/" + action, { method: "POST", body: JSON.stringify(body) });
       d.close();
+      if (after.code === "queued") {
+        // Another replica drives it: that replica applies the action; the page follows.
+        flash(ACTIONS[action].label + ": " + after.message);
+        if (gen === generation) schedule(gen, () => transaction(gen, t.gid));
+        return;
+      }
       flash(ACTIONS[action].label + ": recorded in the history.");
       if (gen === generation) {
         showTransaction(gen, after);

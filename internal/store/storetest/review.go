@@ -97,3 +97,28 @@ func testRegisterConcurrentPositions(t *testing.T, s store.Store) {
 	}
 	require.Len(t, byPos, n, "one position per branch")
 }
+
+// testOperatorQueue: actions queue per transaction, oldest first, and go once deleted.
+func testOperatorQueue(t *testing.T, s store.Store) {
+	_, err := s.QueueOperation(t.Context(), store.QueuedOperation{GID: "no-such-gid", Action: "retry", Actor: "a", Reason: "r"})
+	require.ErrorIs(t, err, store.ErrNotFound)
+	tx := create(t, s, params("queue-ops", "replica-a", longLease))
+	first, err := s.QueueOperation(t.Context(), store.QueuedOperation{GID: tx.GID, Action: "rollback", Actor: "alice", Reason: "why"})
+	require.NoError(t, err)
+	second, err := s.QueueOperation(t.Context(), store.QueuedOperation{GID: tx.GID, Action: "resolve", Branch: "flight", Op: "compensate", Actor: "bob", Reason: "by hand"})
+	require.NoError(t, err)
+	require.Greater(t, second.ID, first.ID)
+	qs, err := s.QueuedOperations(t.Context(), 10)
+	require.NoError(t, err)
+	require.Len(t, qs, 2)
+	require.Equal(t, "rollback", qs[0].Action)
+	require.Equal(t, "alice", qs[0].Actor)
+	require.Equal(t, "flight", qs[1].Branch)
+	require.Equal(t, "compensate", qs[1].Op)
+	require.False(t, qs[1].QueuedAt.IsZero())
+	require.NoError(t, s.DeleteQueuedOperation(t.Context(), first.ID))
+	qs, err = s.QueuedOperations(t.Context(), 10)
+	require.NoError(t, err)
+	require.Len(t, qs, 1)
+	require.Equal(t, second.ID, qs[0].ID)
+}

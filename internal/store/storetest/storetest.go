@@ -90,6 +90,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"ListTransactions/FiltersAndPages", testList},
 		{"Reconcile/FindsAndRedrives", testReconcile},
 		{"DeleteFinished/OnlyFinishedInBatches", testDeleteFinished},
+		{"OperatorQueue/QueueListDelete", testOperatorQueue},
 		{"Now/IsTheLeaseClock", testNow},
 		{"Faults/CreateListDeleteFire", testFaults},
 		{"Faults/MaxCountAcrossConcurrentReplicas", testFaultsMaxCountConcurrent},

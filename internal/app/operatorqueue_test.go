@@ -1,0 +1,72 @@
+package app_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/app"
+	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/testparticipant"
+)
+
+// An operator action asked of a replica that does not drive the transaction is queued in the
+// database and applied by the replica that does: the operator never retries by hand.
+func TestOperatorActionOnAnotherReplicaIsQueuedAndApplied(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	// Replica A drives a saga whose second step waits out a long backoff (its lease renewed).
+	a := setup(t, setupOpts{script: func(_ context.Context, c testparticipant.Call) error {
+		if c.Branch == "slow" && c.Op == "action" {
+			return status.Error(codes.Unavailable, "down for maintenance")
+		}
+		return nil
+	}})
+	slow := a.step("slow", "first")
+	slow.Retry = &treatyv1.RetryPolicy{MaxAttempts: 100, InitialBackoff: durationpb.New(time.Hour), MaxBackoff: durationpb.New(time.Hour)}
+	_, err := a.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: "queued-op",
+		Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{a.step("first"), slow}}})
+	require.NoError(t, err)
+	waitUntil(t, "the slow step failed once and waits", func() bool {
+		var n int
+		require.NoError(t, a.pool.QueryRow(ctx, `SELECT attempts FROM treaty_branches WHERE gid = 'queued-op' AND branch = 'slow' AND op = 'action'`).Scan(&n))
+		return n == 1
+	})
+	_, owner := a.epoch(t, "queued-op")
+	require.Equal(t, a.app.Engine.Owner(), owner)
+
+	// Replica B, same database, is asked to roll it back.
+	bApp, err := app.Start(ctx, app.Config{DB: a.db, Listen: "127.0.0.1:0", Logger: testLogger(t),
+		Engine: engine.Config{Lease: 3 * time.Second, RecoveryInterval: 100 * time.Millisecond}})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, bApp.Stop(sctx))
+	})
+	_, err = bApp.Engine.Operate(ctx, engine.Operation{GID: "queued-op", Action: engine.ActionRollback, Actor: "alice", Reason: "maintenance runs all day"})
+	require.ErrorIs(t, err, engine.ErrQueued)
+	require.Contains(t, err.Error(), owner, "it says which replica applies it")
+
+	// A applies it: the saga turns back and compensates the first step.
+	waitUntil(t, "the queued rollback is applied by the driving replica", func() bool {
+		got, err := a.client.GetTransaction(ctx, &treatyv1.GetTransactionRequest{Gid: "queued-op"})
+		require.NoError(t, err)
+		return got.Transaction.Status == treatyv1.Status_STATUS_COMPENSATED
+	})
+	got, err := a.client.GetTransaction(ctx, &treatyv1.GetTransactionRequest{Gid: "queued-op"})
+	require.NoError(t, err)
+	require.Contains(t, eventKinds(got.Transaction), "operator_rollback")
+	require.Contains(t, got.Transaction.Reason, "rolled back by alice")
+	waitUntil(t, "the queue is empty", func() bool {
+		var n int
+		require.NoError(t, a.pool.QueryRow(ctx, `SELECT count(*) FROM treaty_operator_queue`).Scan(&n))
+		return n == 0
+	})
+}
