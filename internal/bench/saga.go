@@ -192,12 +192,12 @@ type SagaResult struct {
 	// in-process one's); ParticipantAddrs where the participant servers did.
 	CoordinatorAddr  string   `json:"coordinator_addr"`
 	ParticipantAddrs []string `json:"participant_addrs"`
-	Database     string `json:"database"`    // the database the sagas were stored in
-	Kept         bool   `json:"kept"`        // the throwaway database was left in place
-	GoMaxProcs   int    `json:"gomaxprocs"`
-	NumCPU       int    `json:"num_cpu"`
-	GCCycles     uint32 `json:"gc_cycles"` // during the measured phase, this process
-	PgVersion    string `json:"pg_version"`
+	Database         string   `json:"database"` // the database the sagas were stored in
+	Kept             bool     `json:"kept"`     // the throwaway database was left in place
+	GoMaxProcs       int      `json:"gomaxprocs"`
+	NumCPU           int      `json:"num_cpu"`
+	GCCycles         uint32   `json:"gc_cycles"` // during the measured phase, this process
+	PgVersion        string   `json:"pg_version"`
 
 	// Where the CPU went during the measured phase (Linux): this process (clients, participants
 	// and an in-process coordinator) and the PostgreSQL backends connected to the saga database
