@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"runtime/pprof"
+	"sync"
 	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
@@ -22,6 +23,9 @@ const (
 	roleCoordinator = "coordinator"
 	roleParticipant = "participants"
 	roleClient      = "clients"
+	roleRelay       = "relays"
+	roleProducer    = "producers"
+	roleBroker      = "broker"
 )
 
 // asRole runs f with the profiler label role; goroutines f starts keep the label for life.
@@ -55,13 +59,21 @@ type roleProfiler struct {
 	buf  bytes.Buffer
 	file io.Writer
 	on   bool
+	done bool
 }
+
+// profilerMu serializes the benchmarks' use of the Go CPU profiler, which is one per process:
+// runs in one process (tests) take turns instead of one of them losing its CPU split.
+var profilerMu sync.Mutex
 
 // startRoleProfiler starts the CPU profiler; file, if not nil, receives the profile too (the
 // --cpuprofile flag). A profiler that cannot start (one already runs) leaves the split empty.
 func startRoleProfiler(file io.Writer) (*roleProfiler, error) {
 	p := &roleProfiler{file: file}
+	profilerMu.Lock()
 	if err := pprof.StartCPUProfile(&p.buf); err != nil {
+		p.done = true
+		profilerMu.Unlock()
 		if file != nil {
 			return nil, fmt.Errorf("--cpuprofile: %w", err)
 		}
@@ -71,13 +83,20 @@ func startRoleProfiler(file io.Writer) (*roleProfiler, error) {
 	return p, nil
 }
 
-// stop ends the profile and returns the share of samples per role ("" for none).
+// stop ends the profile and returns the share of samples per role ("" for none). Calls after
+// the first return nothing, so a deferred stop can back up the one on the success path.
 func (p *roleProfiler) stop() (map[string]float64, error) {
+	if p.done {
+		return nil, nil
+	}
+	p.done = true
 	if !p.on {
+		profilerMu.Unlock()
 		return nil, nil
 	}
 	pprof.StopCPUProfile()
 	p.on = false
+	profilerMu.Unlock()
 	if p.file != nil {
 		if _, err := p.file.Write(p.buf.Bytes()); err != nil {
 			return nil, fmt.Errorf("--cpuprofile: %w", err)

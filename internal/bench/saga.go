@@ -445,6 +445,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	if err != nil {
 		return SagaResult{}, err
 	}
+	defer func() { _, _ = prof.stop() }() // on an early return; a no-op after the stop below
 	var ms0, ms1 runtime.MemStats
 	runtime.ReadMemStats(&ms0)
 	cpu0, cpuOK := processCPU()
