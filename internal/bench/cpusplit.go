@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"runtime/pprof"
 	"sync"
 	"time"
@@ -286,4 +287,20 @@ func splitCPU(process time.Duration, shares map[string]float64, external, pg tim
 	}
 	c.Total = Round3(c.Coordinator + c.Participants + c.Clients + c.Runtime + c.PostgreSQL)
 	return c
+}
+
+// writeAllocProfile writes the process's allocation profile to path.
+func writeAllocProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("--memprofile: %w", err)
+	}
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		_ = f.Close()
+		return fmt.Errorf("--memprofile: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("--memprofile: %w", err)
+	}
+	return nil
 }

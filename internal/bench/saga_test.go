@@ -92,6 +92,7 @@ func TestSagaBenchInProcess(t *testing.T) {
 	require.Equal(t, []any{"127.0.0.1:" + strconv.Itoa(partPort)}, res["participant_addrs"])
 	cpu := requireCPUSplit(t, res)
 	require.Greater(t, cpu["postgresql"], 0.0, "the local server's backends are read from /proc")
+	requirePositive(t, res, "alloc_kb_per_saga")
 	require.LessOrEqual(t, res["p50_ms"].(float64), res["p99_ms"].(float64))
 	// A saga writes its transaction row at least once per step plus its creation: anything less
 	// means the counters were read before PostgreSQL published them.
