@@ -73,6 +73,10 @@ type SagaConfig struct {
 	// ParticipantPort, if not 0, is the first port of the participant servers: server i listens
 	// on 127.0.0.1:ParticipantPort+i. Default: random ports.
 	ParticipantPort int
+	// ParticipantAddrs, if set, are running no-op participants (`treaty-bench participant`) to
+	// call instead of starting them in process; step i calls address i mod len. Their CPU is then
+	// not in cpu_ms_per_saga.participants.
+	ParticipantAddrs []string
 	// CoordinatorPID is the process id of the coordinator at Coordinator, on this machine; its
 	// CPU (from /proc) is then reported as the coordinator's. Only with Coordinator.
 	CoordinatorPID int
@@ -107,6 +111,9 @@ func (c *SagaConfig) setDefaults() error {
 	}
 	if c.Participants == 0 {
 		c.Participants = c.Steps
+		if len(c.ParticipantAddrs) > 0 {
+			c.Participants = min(len(c.ParticipantAddrs), c.Steps)
+		}
 	}
 	if c.StatsPause == 0 {
 		c.StatsPause = 11 * time.Second
@@ -126,6 +133,8 @@ func (c *SagaConfig) setDefaults() error {
 	switch {
 	case c.ParticipantPort < 0 || c.ParticipantPort+c.Participants-1 > 65535:
 		return fmt.Errorf("--participant-port is %d, must be 0 (random) or within 1..%d (one port per participant server)", c.ParticipantPort, 65536-c.Participants)
+	case len(c.ParticipantAddrs) > 0 && (c.ParticipantPort != 0 || len(c.ParticipantAddrs) != c.Participants):
+		return fmt.Errorf("--participant-addrs names %d participant(s) for %d step(s): give at most one per step, and no --participant-port or --participants beside it", len(c.ParticipantAddrs), c.Steps)
 	case c.CoordinatorPID != 0 && c.Coordinator == "":
 		return errors.New("--coordinator-pid needs --coordinator (the in-process coordinator is measured by profiler labels)")
 	case c.CoordinatorPID < 0:
@@ -299,7 +308,11 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 			}
 		}
 	}()
+	targets := cfg.ParticipantAddrs
 	for i := range parts {
+		if len(targets) > 0 {
+			break // running elsewhere
+		}
 		opts := testparticipant.Options{NoRecord: true}
 		if cfg.ParticipantPort > 0 {
 			opts.Listen = fmt.Sprintf("127.0.0.1:%d", cfg.ParticipantPort+i)
@@ -310,10 +323,13 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 			return SagaResult{}, fmt.Errorf("start participant %d on %s: %w", i, opts.Listen, err)
 		}
 	}
-	spec := sagaSpec(parts, cfg.Steps)
-	for _, p := range parts {
-		res.ParticipantAddrs = append(res.ParticipantAddrs, p.Addr)
+	if len(targets) == 0 {
+		for _, p := range parts {
+			targets = append(targets, p.Addr)
+		}
 	}
+	res.ParticipantAddrs = targets
+	spec := sagaSpec(targets, cfg.Steps)
 
 	// In process, the warm-up and the measured phase each get a coordinator of their own, and
 	// each is stopped before the counters are read: a backend publishes what it counted when its
@@ -644,15 +660,15 @@ func checkpoints(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
 }
 
 // sagaSpec builds a saga of n sequential no-op steps spread over the participants.
-func sagaSpec(parts []*testparticipant.Participant, n int) *treatyv1.SagaSpec {
+func sagaSpec(addrs []string, n int) *treatyv1.SagaSpec {
 	spec := &treatyv1.SagaSpec{}
 	for i := range n {
-		p := parts[i%len(parts)]
+		addr := addrs[i%len(addrs)]
 		name := fmt.Sprintf("step%d", i+1)
 		spec.Steps = append(spec.Steps, &treatyv1.SagaStep{
 			Name:       name,
-			Action:     &treatyv1.Call{Target: p.Target("bench.Step/Do"), Payload: []byte("do " + name)},
-			Compensate: &treatyv1.Call{Target: p.Target("bench.Step/Undo"), Payload: []byte("undo " + name)},
+			Action:     &treatyv1.Call{Target: "grpc://" + addr + "/bench.Step/Do", Payload: []byte("do " + name)},
+			Compensate: &treatyv1.Call{Target: "grpc://" + addr + "/bench.Step/Undo", Payload: []byte("undo " + name)},
 		})
 	}
 	return spec
@@ -771,6 +787,8 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	fs.StringVar(&cfg.DBPrefix, "db-prefix", "treaty_bench_", "name prefix of the throwaway database (12 random hex digits follow); lower-case letters, digits and _")
 	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "gRPC address of the in-process coordinator (default: a random loopback port)")
 	fs.IntVar(&cfg.ParticipantPort, "participant-port", 0, "first port of the participant servers, one port each from there (default 0: random ports)")
+	var partAddrs string
+	fs.StringVar(&partAddrs, "participant-addrs", "", "running no-op participants (treaty-bench participant), comma-separated, instead of starting them; step i calls address i mod N")
 	fs.IntVar(&cfg.CoordinatorPID, "coordinator-pid", 0, "with --coordinator on this machine: its process id, to report its CPU (from /proc)")
 	fs.BoolVar(&verbose, "v", false, "log the coordinator's warnings too")
 	if err := fs.Parse(args); err != nil {
@@ -782,6 +800,9 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "treaty-bench saga: unexpected argument %q (flags start with --)\n", fs.Arg(0))
 		return 2
+	}
+	if partAddrs != "" {
+		cfg.ParticipantAddrs = strings.Split(partAddrs, ",")
 	}
 	// On the command line 0 is a value, not "the default" as in SagaConfig.
 	switch {

@@ -219,3 +219,31 @@ func freePort(t *testing.T) int {
 	require.NoError(t, err)
 	return n
 }
+
+// `treaty-bench participant` serves the no-op participant on the address asked for, and the saga
+// bench calls it there with --participant-addrs instead of starting its own.
+func TestSagaBenchExternalParticipant(t *testing.T) {
+	t.Parallel()
+	db := pgtest.NewDatabase(t)
+	addr := freeAddr(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	var pout, perr bytes.Buffer
+	done := make(chan int, 1)
+	go func() { done <- bench.ParticipantMain(ctx, []string{"--listen", addr}, &pout, &perr, nil) }()
+	t.Cleanup(func() {
+		cancel()
+		require.Equal(t, 0, <-done, "participant stderr: %s", perr.String())
+	})
+	code, out, errOut := runSagaMain(t, "--db", db, "--steps", "2", "--participant-addrs", addr,
+		"--concurrency", "2", "--duration", "1s", "--warmup", "0", "--baseline", "300ms")
+	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
+	res := lastJSON(t, out)
+	requirePositive(t, res, "sagas_per_sec")
+	require.Equal(t, 0.0, res["failed"])
+	require.Equal(t, []any{addr}, res["participant_addrs"])
+	require.Equal(t, 1.0, res["participants"])
+
+	code, _, errOut = runSagaMain(t, "--db", db, "--steps", "2", "--participant-addrs", addr+","+addr+","+addr)
+	require.Equal(t, 1, code)
+	require.Contains(t, errOut, "--participant-addrs names 3 participant(s) for 2 step(s)")
+}
