@@ -27,12 +27,13 @@ type command struct {
 // variable, so nothing can change the table at run time.
 func commands() map[string]command {
 	return map[string]command{
-		"saga":   {"saga coordinator throughput and latency against the PostgreSQL commit ceiling", bench.SagaMain},
-		"outbox": {"outbox relay throughput and commit-to-ack latency against the PostgreSQL commit rate", bench.OutboxMain},
-		"tcc":    {"TCC transactions through the SDK (tries made by the client) against the PostgreSQL commit ceiling", bench.TCCMain},
-		"2pc":    {"two-phase commits through the SDK against the PostgreSQL commit ceiling", bench.TwoPhaseMain},
-		"memory": {"the coordinator's resident memory per active transaction, by payload size (Linux)", bench.MemoryMain},
-		"chaos":  {"a fault campaign: replicas killed, stopped and cut off, call faults; checks money is conserved", bench.ChaosMain},
+		"saga":        {"saga coordinator throughput and latency against the PostgreSQL commit ceiling", bench.SagaMain},
+		"outbox":      {"outbox relay throughput and commit-to-ack latency against the PostgreSQL commit rate", bench.OutboxMain},
+		"tcc":         {"TCC transactions through the SDK (tries made by the client) against the PostgreSQL commit ceiling", bench.TCCMain},
+		"2pc":         {"two-phase commits through the SDK against the PostgreSQL commit ceiling", bench.TwoPhaseMain},
+		"memory":      {"the coordinator's resident memory per active transaction, by payload size (Linux)", bench.MemoryMain},
+		"chaos":       {"a fault campaign: replicas killed, stopped and cut off, call faults; checks money is conserved", bench.ChaosMain},
+		"participant": {"no-op gRPC participants in their own process, for side-by-side runs", bench.ParticipantMain},
 	}
 }
 

@@ -226,3 +226,19 @@ func Millis(d time.Duration) float64 {
 
 // Round3 rounds to three decimals, for JSON output.
 func Round3(f float64) float64 { return math.Round(f*1000) / 1000 }
+
+// checkDBPrefix accepts a throwaway database's name prefix: it must leave room for the 12 random
+// hex digits within PostgreSQL's 63-byte identifiers and need no quoting in operators' scripts.
+func checkDBPrefix(p string) error {
+	const limit = 63 - 12
+	if p == "" || len(p) > limit {
+		return fmt.Errorf("--db-prefix %q is %d bytes, must be 1..%d (12 random hex digits follow, within PostgreSQL's 63)", p, len(p), limit)
+	}
+	for i, c := range p {
+		if c == '_' || (c >= 'a' && c <= 'z') || (i > 0 && c >= '0' && c <= '9') {
+			continue
+		}
+		return fmt.Errorf("--db-prefix %q: byte %d is %q; use lower-case letters, digits (not first) and _", p, i, c)
+	}
+	return nil
+}

@@ -53,6 +53,11 @@ type OutboxConfig struct {
 	// Preload enqueues everything before the relays start, to measure how fast a backlog
 	// drains; the commit-to-ack latency then mostly measures the wait.
 	Preload bool
+	// DBPrefix names the throwaway database (prefix + 12 random hex digits); default
+	// "treaty_bench_outbox_".
+	DBPrefix string
+	// KafkaPort, if not 0, is the port of the in-process kfake broker; default random.
+	KafkaPort int
 }
 
 // OutboxResult is the JSON object the outbox benchmark prints last.
@@ -80,6 +85,30 @@ type OutboxResult struct {
 	// cost of enqueuing (and of the relay's load) on the server's commit ceiling.
 	TxOverInsertCommits float64 `json:"enqueue_tx_over_insert_commits"`
 	ElapsedSec          float64 `json:"elapsed_s"`
+
+	Database string   `json:"database"`
+	Brokers  []string `json:"brokers"`
+	// The two phases apart: EnqueueSec is the producers' time to commit every message;
+	// DrainAfterEnqueueSec is how long the relays took after that to publish the rest
+	// (DrainedAfterEnqueue messages; with --preload, all of them), and DrainMsgsPerSec their
+	// rate then, when the relays had the table to themselves.
+	EnqueueSec           float64 `json:"enqueue_s"`
+	DrainAfterEnqueueSec float64 `json:"drain_after_enqueue_s"`
+	DrainedAfterEnqueue  int     `json:"drained_after_enqueue"`
+	DrainMsgsPerSec      float64 `json:"drain_msgs_per_sec"`
+	// CPU per 1,000 messages from start of the enqueue to the last acknowledgement: the
+	// relays (with their Kafka clients), the producers, the unlabeled Go runtime, the
+	// kfake broker when in process, and the PostgreSQL backends (when the server is local).
+	CPUMsPer1000 OutboxCPU `json:"cpu_ms_per_1000_msgs"`
+}
+
+// OutboxCPU is the outbox bench's CPU split, in milliseconds per 1,000 messages.
+type OutboxCPU struct {
+	Relays     float64 `json:"relays"`
+	Producers  float64 `json:"producers"`
+	Broker     float64 `json:"broker"`
+	Runtime    float64 `json:"runtime"`
+	PostgreSQL float64 `json:"postgresql"`
 }
 
 // OutboxMain is `treaty-bench outbox`.
@@ -106,6 +135,8 @@ func OutboxMain(ctx context.Context, args []string, stdout, stderr io.Writer, ge
 	fs.DurationVar(&cfg.Timeout, "timeout", 5*time.Minute, "give up when not everything is relayed by then")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the treaty_bench_outbox_* database")
 	fs.BoolVar(&cfg.Preload, "preload", false, "enqueue everything before starting the relays (measures draining a backlog)")
+	fs.StringVar(&cfg.DBPrefix, "db-prefix", "treaty_bench_outbox_", "name prefix of the throwaway database (12 random hex digits follow); lower-case letters, digits and _")
+	fs.IntVar(&cfg.KafkaPort, "kafka-port", 0, "port of the in-process kfake broker on 127.0.0.1 (default 0: random)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -163,7 +194,19 @@ func RunOutbox(ctx context.Context, cfg OutboxConfig, w io.Writer) (OutboxResult
 	case cfg.Messages < 1 || cfg.Keys < 1 || cfg.Relays < 1 || cfg.Producers < 1 || cfg.PerTx < 1:
 		return OutboxResult{}, errors.New("--messages, --keys, --relays, --producers and --per-tx must be at least 1")
 	}
-	tdb, err := CreateTempDatabase(ctx, cfg.DB, "treaty_bench_outbox_")
+	if cfg.DBPrefix == "" {
+		cfg.DBPrefix = "treaty_bench_outbox_"
+	}
+	if err := checkDBPrefix(cfg.DBPrefix); err != nil {
+		return OutboxResult{}, err
+	}
+	switch {
+	case cfg.KafkaPort < 0 || cfg.KafkaPort > 65535:
+		return OutboxResult{}, fmt.Errorf("--kafka-port is %d, must be 0 (random) or within 1..65535", cfg.KafkaPort)
+	case cfg.KafkaPort != 0 && len(cfg.Brokers) > 0:
+		return OutboxResult{}, errors.New("--kafka-port is for the in-process kfake broker; it cannot go with --brokers")
+	}
+	tdb, err := CreateTempDatabase(ctx, cfg.DB, cfg.DBPrefix)
 	if err != nil {
 		return OutboxResult{}, err
 	}
@@ -197,9 +240,14 @@ func RunOutbox(ctx context.Context, cfg OutboxConfig, w io.Writer) (OutboxResult
 	const topic = "bench"
 	brokers, broker := cfg.Brokers, "external"
 	if len(brokers) == 0 {
-		kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(int32(cfg.Partitions), topic))
+		opts := []kfake.Opt{kfake.NumBrokers(1), kfake.SeedTopics(int32(cfg.Partitions), topic)}
+		if cfg.KafkaPort > 0 {
+			opts = append(opts, kfake.Ports(cfg.KafkaPort))
+		}
+		var kc *kfake.Cluster
+		asRole(ctx, roleBroker, func(context.Context) { kc, err = kfake.NewCluster(opts...) })
 		if err != nil {
-			return OutboxResult{}, fmt.Errorf("start kfake: %w", err)
+			return OutboxResult{}, fmt.Errorf("start kfake (--kafka-port %d): %w", cfg.KafkaPort, err)
 		}
 		defer kc.Close()
 		brokers, broker = kc.ListenAddrs(), "kfake in process"
@@ -236,7 +284,8 @@ func RunOutbox(ctx context.Context, cfg OutboxConfig, w io.Writer) (OutboxResult
 			if err != nil {
 				return err
 			}
-			if err := r.Start(ctx); err != nil {
+			asRole(ctx, roleRelay, func(ctx context.Context) { err = r.Start(ctx) })
+			if err != nil {
 				return err
 			}
 			relays = append(relays, r)
@@ -261,38 +310,51 @@ func RunOutbox(ctx context.Context, cfg OutboxConfig, w io.Writer) (OutboxResult
 	var next atomic.Int64
 	txs := (cfg.Messages + cfg.PerTx - 1) / cfg.PerTx
 	errs := make(chan error, cfg.Producers)
+	prof, err := startRoleProfiler(nil)
+	if err != nil {
+		return OutboxResult{}, err
+	}
+	defer func() { _, _ = prof.stop() }() // on an early return; a no-op after the stop below
+	cpu0, cpuOK := processCPU()
+	pg0, err := pgBackendsCPU(ctx, pool, tdb.Name)
+	if err != nil {
+		return OutboxResult{}, err
+	}
 	start := time.Now()
 	var wg sync.WaitGroup
 	for p := range cfg.Producers {
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			msgs := make([]outbox.Message, 0, cfg.PerTx)
-			for {
-				t := int(next.Add(1)) - 1
-				if t >= txs {
-					return
+		asRole(ctx, roleProducer, func(context.Context) {
+			go func() {
+				defer wg.Done()
+				msgs := make([]outbox.Message, 0, cfg.PerTx)
+				for {
+					t := int(next.Add(1)) - 1
+					if t >= txs {
+						return
+					}
+					msgs = msgs[:0]
+					for i := t * cfg.PerTx; i < min((t+1)*cfg.PerTx, cfg.Messages); i++ {
+						msgs = append(msgs, outbox.Message{ID: outbox.NewID(), Topic: topic,
+							Key: fmt.Appendf(nil, "key-%d", (i*7919+p)%cfg.Keys), Value: value})
+					}
+					if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return outbox.Enqueue(ctx, tx, msgs...) }); err != nil {
+						errs <- err
+						return
+					}
+					at := time.Now()
+					cmu.Lock()
+					for _, m := range msgs {
+						committed[m.ID] = at
+					}
+					cmu.Unlock()
 				}
-				msgs = msgs[:0]
-				for i := t * cfg.PerTx; i < min((t+1)*cfg.PerTx, cfg.Messages); i++ {
-					msgs = append(msgs, outbox.Message{ID: outbox.NewID(), Topic: topic,
-						Key: fmt.Appendf(nil, "key-%d", (i*7919+p)%cfg.Keys), Value: value})
-				}
-				if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return outbox.Enqueue(ctx, tx, msgs...) }); err != nil {
-					errs <- err
-					return
-				}
-				at := time.Now()
-				cmu.Lock()
-				for _, m := range msgs {
-					committed[m.ID] = at
-				}
-				cmu.Unlock()
-			}
-		}()
+			}()
+		})
 	}
 	wg.Wait()
 	enqueued := time.Since(start)
+	enqueueEnd := start.Add(enqueued)
 	close(errs)
 	if err := <-errs; err != nil {
 		return OutboxResult{}, fmt.Errorf("enqueue: %w", err)
@@ -319,9 +381,24 @@ func RunOutbox(ctx context.Context, cfg OutboxConfig, w io.Writer) (OutboxResult
 		}
 	}
 
+	cpu1, _ := processCPU()
+	shares, err := prof.stop()
+	if err != nil {
+		return OutboxResult{}, err
+	}
+	pg1, err := pgBackendsCPU(ctx, pool, tdb.Name)
+	if err != nil {
+		return OutboxResult{}, err
+	}
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
 	var last time.Time
+	drained := 0
+	for _, ack := range rec.acked {
+		if ack.After(enqueueEnd) {
+			drained++
+		}
+	}
 	lat := make([]time.Duration, 0, cfg.Messages)
 	for id, ack := range rec.acked {
 		if ack.After(last) {
@@ -346,6 +423,19 @@ func RunOutbox(ctx context.Context, cfg OutboxConfig, w io.Writer) (OutboxResult
 		Duplicates:    rec.dups,
 		InsertCommits: Round3(rate.PerSec),
 		ElapsedSec:    Round3(elapsed.Seconds()),
+		Database:      tdb.Name, Brokers: brokers,
+		EnqueueSec:           Round3(enqueued.Seconds()),
+		DrainAfterEnqueueSec: Round3(max(last.Sub(enqueueEnd), 0).Seconds()),
+		DrainedAfterEnqueue:  drained,
+	}
+	if d := last.Sub(enqueueEnd); d > 0 && drained > 0 {
+		res.DrainMsgsPerSec = Round3(float64(drained) / d.Seconds())
+	}
+	if cpuOK {
+		per := func(d time.Duration) float64 { return Millis(d * 1000 / time.Duration(cfg.Messages)) }
+		part := func(role string) time.Duration { return time.Duration(float64(cpu1-cpu0) * shares[role]) }
+		res.CPUMsPer1000 = OutboxCPU{Relays: per(part(roleRelay)), Producers: per(part(roleProducer)),
+			Broker: per(part(roleBroker)), Runtime: per(part("")), PostgreSQL: per(pg1.since(pg0))}
 	}
 	if rate.PerSec > 0 {
 		res.MsgsPerInsertCommit = Round3(res.MsgsPerSec / rate.PerSec)
@@ -353,5 +443,10 @@ func RunOutbox(ctx context.Context, cfg OutboxConfig, w io.Writer) (OutboxResult
 	}
 	fmt.Fprintf(w, "relayed %d messages in %s: %.0f msgs/s; commit-to-ack p50 %.1f ms, p99 %.1f ms\n",
 		cfg.Messages, elapsed.Round(time.Millisecond), res.MsgsPerSec, res.P50ms, res.P99ms)
+	fmt.Fprintf(w, "  enqueue %.2fs; then %d messages drained in %.2fs (%.0f msgs/s)\n",
+		res.EnqueueSec, res.DrainedAfterEnqueue, res.DrainAfterEnqueueSec, res.DrainMsgsPerSec)
+	c := res.CPUMsPer1000
+	fmt.Fprintf(w, "  CPU ms per 1,000 messages: relays %.2f, producers %.2f, broker %.2f, Go runtime %.2f, PostgreSQL %.2f\n",
+		c.Relays, c.Producers, c.Broker, c.Runtime, c.PostgreSQL)
 	return res, nil
 }

@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
-	"runtime/pprof"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -59,8 +58,28 @@ type SagaConfig struct {
 	// CPUProfile, if set, receives a CPU profile of the measured phase (the whole process:
 	// clients, participants and, when in process, the coordinator).
 	CPUProfile string
+	// MemProfile, if set, receives the process's allocation profile at the end of the measured
+	// phase (cumulative since the process started, warm-up included: read it with
+	// -sample_index=alloc_space or alloc_objects).
+	MemProfile string
 	// Keep leaves the throwaway database in place.
 	Keep bool
+	// DBPrefix names the throwaway database: the prefix plus 12 random hex digits; default
+	// "treaty_bench_". A prefix of its own lets a run sit beside other workloads on a shared
+	// server (and clean up after itself by name).
+	DBPrefix string
+	// Listen is the in-process coordinator's gRPC address; default 127.0.0.1:0 (a random port).
+	Listen string
+	// ParticipantPort, if not 0, is the first port of the participant servers: server i listens
+	// on 127.0.0.1:ParticipantPort+i. Default: random ports.
+	ParticipantPort int
+	// ParticipantAddrs, if set, are running no-op participants (`treaty-bench participant`) to
+	// call instead of starting them in process; step i calls address i mod len. Their CPU is then
+	// not in cpu_ms_per_saga.participants.
+	ParticipantAddrs []string
+	// CoordinatorPID is the process id of the coordinator at Coordinator, on this machine; its
+	// CPU (from /proc) is then reported as the coordinator's. Only with Coordinator.
+	CoordinatorPID int
 	// StatsPause is how long to wait for an external coordinator's backends to publish their
 	// counters before reading them (an in-process coordinator is stopped instead, which is
 	// exact); default 11s: a busy server retries a flush that found its lock taken after 10s.
@@ -92,12 +111,39 @@ func (c *SagaConfig) setDefaults() error {
 	}
 	if c.Participants == 0 {
 		c.Participants = c.Steps
+		if len(c.ParticipantAddrs) > 0 {
+			c.Participants = min(len(c.ParticipantAddrs), c.Steps)
+		}
 	}
 	if c.StatsPause == 0 {
 		c.StatsPause = 11 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.DBPrefix == "" {
+		c.DBPrefix = "treaty_bench_"
+	}
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:0"
+	}
+	if err := checkDBPrefix(c.DBPrefix); err != nil {
+		return err
+	}
+	switch {
+	case c.ParticipantPort < 0 || c.ParticipantPort+c.Participants-1 > 65535:
+		return fmt.Errorf("--participant-port is %d, must be 0 (random) or within 1..%d (one port per participant server)", c.ParticipantPort, 65536-c.Participants)
+	case len(c.ParticipantAddrs) > 0 && (c.ParticipantPort != 0 || len(c.ParticipantAddrs) != c.Participants):
+		return fmt.Errorf("--participant-addrs names %d participant(s) for %d step(s): give at most one per step, and no --participant-port or --participants beside it", len(c.ParticipantAddrs), c.Steps)
+	case c.CoordinatorPID != 0 && c.Coordinator == "":
+		return errors.New("--coordinator-pid needs --coordinator (the in-process coordinator is measured by profiler labels)")
+	case c.CoordinatorPID < 0:
+		return fmt.Errorf("--coordinator-pid is %d, must be a process id", c.CoordinatorPID)
+	}
+	if c.CoordinatorPID > 0 {
+		if _, ok := pidCPU(c.CoordinatorPID); !ok {
+			return fmt.Errorf("--coordinator-pid %d: no such process on this machine (its CPU is read from /proc)", c.CoordinatorPID)
+		}
 	}
 	switch {
 	case c.Steps < 1 || c.Steps > 64:
@@ -155,12 +201,21 @@ type SagaResult struct {
 
 	Participants int    `json:"participants"`
 	Coordinator  string `json:"coordinator"` // "in-process" or the address given
-	Database     string `json:"database"`    // the database the sagas were stored in
-	Kept         bool   `json:"kept"`        // the throwaway database was left in place
-	GoMaxProcs   int    `json:"gomaxprocs"`
-	NumCPU       int    `json:"num_cpu"`
-	GCCycles     uint32 `json:"gc_cycles"` // during the measured phase, this process
-	PgVersion    string `json:"pg_version"`
+	// CoordinatorAddr is where the measured coordinator listened (the address given, or the
+	// in-process one's); ParticipantAddrs where the participant servers did.
+	CoordinatorAddr  string   `json:"coordinator_addr"`
+	ParticipantAddrs []string `json:"participant_addrs"`
+	Database         string   `json:"database"` // the database the sagas were stored in
+	Kept             bool     `json:"kept"`     // the throwaway database was left in place
+	GoMaxProcs       int      `json:"gomaxprocs"`
+	NumCPU           int      `json:"num_cpu"`
+	GCCycles         uint32   `json:"gc_cycles"` // during the measured phase, this process
+	// AllocKBPerSaga is the heap this process allocated during the measured phase per saga
+	// (runtime.MemStats.TotalAlloc): all roles in it, the coordinator's too when in process. It
+	// hardly moves with the machine's load, so it shows an allocation saving where the rate is
+	// noise.
+	AllocKBPerSaga float64 `json:"alloc_kb_per_saga"`
+	PgVersion      string  `json:"pg_version"`
 
 	// Where the CPU went during the measured phase (Linux): this process (clients, participants
 	// and an in-process coordinator) and the PostgreSQL backends connected to the saga database
@@ -169,6 +224,12 @@ type SagaResult struct {
 	ProcessCPUMsSaga   float64 `json:"process_cpu_ms_per_saga,omitempty"`
 	PgBackendCPUCores  float64 `json:"pg_backend_cpu_cores,omitempty"`
 	PgBackendCPUMsSaga float64 `json:"pg_backend_cpu_ms_per_saga,omitempty"`
+	// CPUMsPerSaga splits the CPU per saga between the coordinator, the participants, the clients,
+	// the Go runtime's unlabeled work and PostgreSQL (see CPUMsPerSaga).
+	CPUMsPerSaga CPUMsPerSaga `json:"cpu_ms_per_saga"`
+	// CoordinatorCPUCores is the coordinator's CPU seconds per second, from its process's /proc
+	// (with --coordinator-pid) or its profiler share of this process.
+	CoordinatorCPUCores float64 `json:"coordinator_cpu_cores,omitempty"`
 
 	// Signs of a shared machine: checkpoints the whole server ran during the measured phase
 	// (other databases' CREATE/DROP DATABASE force them) and the 1-minute load average at its end.
@@ -191,7 +252,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	cleanupCtx := context.WithoutCancel(ctx)
 
 	// A database of our own, so the bench never touches real data.
-	tmp, err := CreateTempDatabase(ctx, cfg.DB, "treaty_bench_")
+	tmp, err := CreateTempDatabase(ctx, cfg.DB, cfg.DBPrefix)
 	if err != nil {
 		return SagaResult{}, err
 	}
@@ -247,12 +308,28 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 			}
 		}
 	}()
+	targets := cfg.ParticipantAddrs
 	for i := range parts {
-		if parts[i], err = testparticipant.Start(testparticipant.Options{NoRecord: true}); err != nil {
-			return SagaResult{}, fmt.Errorf("start participant %d: %w", i, err)
+		if len(targets) > 0 {
+			break // running elsewhere
+		}
+		opts := testparticipant.Options{NoRecord: true}
+		if cfg.ParticipantPort > 0 {
+			opts.Listen = fmt.Sprintf("127.0.0.1:%d", cfg.ParticipantPort+i)
+		}
+		// Under the participants' label: the server's goroutines inherit it.
+		asRole(ctx, roleParticipant, func(context.Context) { parts[i], err = testparticipant.Start(opts) })
+		if err != nil {
+			return SagaResult{}, fmt.Errorf("start participant %d on %s: %w", i, opts.Listen, err)
 		}
 	}
-	spec := sagaSpec(parts, cfg.Steps)
+	if len(targets) == 0 {
+		for _, p := range parts {
+			targets = append(targets, p.Addr)
+		}
+	}
+	res.ParticipantAddrs = targets
+	spec := sagaSpec(targets, cfg.Steps)
 
 	// In process, the warm-up and the measured phase each get a coordinator of their own, and
 	// each is stopped before the counters are read: a backend publishes what it counted when its
@@ -267,12 +344,17 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		if clog == nil {
 			clog = slog.New(slog.DiscardHandler)
 		}
-		a, err := app.Start(ctx, app.Config{
-			DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: "127.0.0.1:0", Migrate: migrate, Logger: clog,
-			Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch},
+		var a *app.App
+		var err error
+		// Under the coordinator's label: everything it starts inherits it.
+		asRole(ctx, roleCoordinator, func(ctx context.Context) {
+			a, err = app.Start(ctx, app.Config{
+				DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: cfg.Listen, Migrate: migrate, Logger: clog,
+				Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch},
+			})
 		})
 		if err != nil {
-			return "", fmt.Errorf("start coordinator: %w", err)
+			return "", fmt.Errorf("start coordinator on %s: %w", cfg.Listen, err)
 		}
 		coord = a
 		return a.Addr, nil
@@ -312,7 +394,11 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	}()
 	// dial connects the clients' one gRPC connection to the coordinator at addr.
 	dial := func(addr string) (treatyv1.CoordinatorClient, func(), error) {
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		var conn *grpc.ClientConn
+		var err error
+		asRole(ctx, roleClient, func(context.Context) {
+			conn, err = grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		})
 		if err != nil {
 			return nil, nil, fmt.Errorf("dial coordinator %s: %w", addr, err)
 		}
@@ -329,7 +415,9 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		if err != nil {
 			return SagaResult{}, err
 		}
-		_, err = runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Warmup)
+		asRole(ctx, roleClient, func(ctx context.Context) {
+			_, err = runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Warmup)
+		})
 		closeConn()
 		if err != nil {
 			return SagaResult{}, fmt.Errorf("warm-up: %w", err)
@@ -349,6 +437,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	if addr, err = startCoord(false); err != nil {
 		return SagaResult{}, err
 	}
+	res.CoordinatorAddr = addr
 	client, closeConn, err := dial(addr)
 	if err != nil {
 		return SagaResult{}, err
@@ -359,24 +448,36 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	// count in the per-saga commits: the counters were read before they ran.
 	var primed clientRun
 	if cfg.Warmup > 0 && cfg.Coordinator == "" {
-		if primed, err = runSagaClients(ctx, client, spec, cfg.Concurrency, min(cfg.Warmup, 500*time.Millisecond)); err != nil {
+		asRole(ctx, roleClient, func(ctx context.Context) {
+			primed, err = runSagaClients(ctx, client, spec, cfg.Concurrency, min(cfg.Warmup, 500*time.Millisecond))
+		})
+		if err != nil {
 			return SagaResult{}, fmt.Errorf("prime the coordinator: %w", err)
 		}
 	}
 
+	// The profile is always taken: its labels divide this process's CPU between the roles.
+	var profFile io.Writer
 	if cfg.CPUProfile != "" {
 		f, err := os.Create(cfg.CPUProfile)
 		if err != nil {
 			return SagaResult{}, fmt.Errorf("--cpuprofile: %w", err)
 		}
 		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return SagaResult{}, fmt.Errorf("--cpuprofile: %w", err)
-		}
+		profFile = f
 	}
+	prof, err := startRoleProfiler(profFile)
+	if err != nil {
+		return SagaResult{}, err
+	}
+	defer func() { _, _ = prof.stop() }() // on an early return; a no-op after the stop below
 	var ms0, ms1 runtime.MemStats
 	runtime.ReadMemStats(&ms0)
 	cpu0, cpuOK := processCPU()
+	ext0, extOK := time.Duration(0), false
+	if cfg.CoordinatorPID > 0 {
+		ext0, extOK = pidCPU(cfg.CoordinatorPID)
+	}
 	pg0, err := pgBackendsCPU(ctx, stats, res.Database)
 	if err != nil {
 		return SagaResult{}, err
@@ -386,11 +487,27 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		return SagaResult{}, err
 	}
 	log.Info("measuring", "duration", cfg.Duration, "steps", cfg.Steps, "concurrency", cfg.Concurrency, "coordinator", addr)
-	run, runErr := runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Duration)
+	var run clientRun
+	var runErr error
+	asRole(ctx, roleClient, func(ctx context.Context) {
+		run, runErr = runSagaClients(ctx, client, spec, cfg.Concurrency, cfg.Duration)
+	})
 	runtime.ReadMemStats(&ms1)
 	cpu1, _ := processCPU()
-	if cfg.CPUProfile != "" {
-		pprof.StopCPUProfile()
+	var ext time.Duration
+	if extOK {
+		if ext1, ok := pidCPU(cfg.CoordinatorPID); ok {
+			ext = ext1 - ext0
+		}
+	}
+	shares, err := prof.stop()
+	if err != nil {
+		return SagaResult{}, err
+	}
+	if cfg.MemProfile != "" {
+		if err := writeAllocProfile(cfg.MemProfile); err != nil {
+			return SagaResult{}, err
+		}
 	}
 	pg1, err := pgBackendsCPU(ctx, stats, res.Database)
 	if err != nil {
@@ -420,6 +537,9 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	res.Seconds = Round3(run.elapsed.Seconds())
 	res.Sagas, res.Failed, res.PrimedSagas = run.ok, run.failed, primed.ok+primed.failed
 	res.GCCycles = ms1.NumGC - ms0.NumGC
+	if run.ok > 0 {
+		res.AllocKBPerSaga = Round3(float64(ms1.TotalAlloc-ms0.TotalAlloc) / 1024 / float64(run.ok))
+	}
 	res.XactCommits = after - before
 	if run.ok > 0 {
 		lat := Summarize(run.latencies)
@@ -433,9 +553,15 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 			res.ProcessCPUCores = Round3((cpu1 - cpu0).Seconds() / run.elapsed.Seconds())
 			res.ProcessCPUMsSaga = Millis((cpu1 - cpu0) / time.Duration(run.ok))
 		}
-		if pg := pg1.since(pg0); pg > 0 {
+		pg := pg1.since(pg0)
+		if pg > 0 {
 			res.PgBackendCPUCores = Round3(pg.Seconds() / run.elapsed.Seconds())
 			res.PgBackendCPUMsSaga = Millis(pg / time.Duration(run.ok))
+		}
+		if cpuOK {
+			res.CPUMsPerSaga = splitCPU(cpu1-cpu0, shares, ext, pg, run.ok)
+			coordCPU := time.Duration(float64(cpu1-cpu0)*shares[roleCoordinator]) + ext
+			res.CoordinatorCPUCores = Round3(coordCPU.Seconds() / run.elapsed.Seconds())
 		}
 	}
 	if res.PgCommitsPerSec > 0 {
@@ -534,15 +660,15 @@ func checkpoints(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
 }
 
 // sagaSpec builds a saga of n sequential no-op steps spread over the participants.
-func sagaSpec(parts []*testparticipant.Participant, n int) *treatyv1.SagaSpec {
+func sagaSpec(addrs []string, n int) *treatyv1.SagaSpec {
 	spec := &treatyv1.SagaSpec{}
 	for i := range n {
-		p := parts[i%len(parts)]
+		addr := addrs[i%len(addrs)]
 		name := fmt.Sprintf("step%d", i+1)
 		spec.Steps = append(spec.Steps, &treatyv1.SagaStep{
 			Name:       name,
-			Action:     &treatyv1.Call{Target: p.Target("bench.Step/Do"), Payload: []byte("do " + name)},
-			Compensate: &treatyv1.Call{Target: p.Target("bench.Step/Undo"), Payload: []byte("undo " + name)},
+			Action:     &treatyv1.Call{Target: "grpc://" + addr + "/bench.Step/Do", Payload: []byte("do " + name)},
+			Compensate: &treatyv1.Call{Target: "grpc://" + addr + "/bench.Step/Undo", Payload: []byte("undo " + name)},
 		})
 	}
 	return spec
@@ -655,8 +781,15 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	fs.IntVar(&cfg.CommitWorkers, "commit-workers", 0, "group commits in flight at once in the in-process coordinator (default: the engine's)")
 	fs.IntVar(&cfg.CommitBatch, "commit-batch", 0, "most records per group commit in the in-process coordinator (default: the engine's)")
 	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured phase to this file")
+	fs.StringVar(&cfg.MemProfile, "memprofile", "", "write the allocation profile (since start, warm-up included) to this file after the measured phase")
 	fs.DurationVar(&cfg.StatsPause, "stats-pause", 11*time.Second, "with --coordinator: how long to let its backends publish their counters before reading them")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the treaty_bench_* database instead of dropping it")
+	fs.StringVar(&cfg.DBPrefix, "db-prefix", "treaty_bench_", "name prefix of the throwaway database (12 random hex digits follow); lower-case letters, digits and _")
+	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "gRPC address of the in-process coordinator (default: a random loopback port)")
+	fs.IntVar(&cfg.ParticipantPort, "participant-port", 0, "first port of the participant servers, one port each from there (default 0: random ports)")
+	var partAddrs string
+	fs.StringVar(&partAddrs, "participant-addrs", "", "running no-op participants (treaty-bench participant), comma-separated, instead of starting them; step i calls address i mod N")
+	fs.IntVar(&cfg.CoordinatorPID, "coordinator-pid", 0, "with --coordinator on this machine: its process id, to report its CPU (from /proc)")
 	fs.BoolVar(&verbose, "v", false, "log the coordinator's warnings too")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -667,6 +800,9 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "treaty-bench saga: unexpected argument %q (flags start with --)\n", fs.Arg(0))
 		return 2
+	}
+	if partAddrs != "" {
+		cfg.ParticipantAddrs = strings.Split(partAddrs, ",")
 	}
 	// On the command line 0 is a value, not "the default" as in SagaConfig.
 	switch {
@@ -705,6 +841,9 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	if res.ProcessCPUCores > 0 || res.PgBackendCPUCores > 0 {
 		fmt.Fprintf(stdout, "  CPU: this process %.2f cores (%.3f ms/saga), PostgreSQL backends %.2f cores (%.3f ms/saga), of %d cores\n",
 			res.ProcessCPUCores, res.ProcessCPUMsSaga, res.PgBackendCPUCores, res.PgBackendCPUMsSaga, res.NumCPU)
+		c := res.CPUMsPerSaga
+		fmt.Fprintf(stdout, "  CPU ms per saga: coordinator %.3f, participants %.3f, clients %.3f, Go runtime (unlabeled) %.3f, PostgreSQL %.3f; total %.3f\n",
+			c.Coordinator, c.Participants, c.Clients, c.Runtime, c.PostgreSQL, c.Total)
 	}
 	line, jerr := json.Marshal(res)
 	if jerr != nil {

@@ -46,6 +46,18 @@ func backendCPU(pid int32, datname string) (time.Duration, bool) {
 	if err != nil || !strings.HasPrefix(string(cmd), "postgres: ") || !strings.Contains(string(cmd), " "+datname+" ") {
 		return 0, false
 	}
+	return statCPU(dir)
+}
+
+// pidCPU returns the CPU time (user + system) of the process with this pid so far: a coordinator
+// in its own process (--coordinator-pid). Threads that exited count too (the kernel adds them to
+// the process).
+func pidCPU(pid int) (time.Duration, bool) {
+	return statCPU("/proc/" + strconv.Itoa(pid))
+}
+
+// statCPU reads utime + stime from dir/stat.
+func statCPU(dir string) (time.Duration, bool) {
 	stat, err := os.ReadFile(dir + "/stat")
 	if err != nil {
 		return 0, false

@@ -12,3 +12,6 @@ func backendCPU(int32, string) (time.Duration, bool) { return 0, false }
 
 // loadAvg is only read on Linux.
 func loadAvg() float64 { return 0 }
+
+// pidCPU is only measured on Linux.
+func pidCPU(int) (time.Duration, bool) { return 0, false }

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -72,8 +74,10 @@ func requirePositive(t *testing.T, res map[string]any, fields ...string) {
 func TestSagaBenchInProcess(t *testing.T) {
 	t.Parallel()
 	db := pgtest.NewDatabase(t)
-	code, out, errOut := runSagaMain(t, "--db", db, "--steps", "3", "--concurrency", "4",
-		"--duration", "1s", "--warmup", "200ms", "--baseline", "500ms")
+	coordAddr, partPort := freeAddr(t), freePort(t)
+	code, out, errOut := runSagaMain(t, "--db", db, "--steps", "3", "--participants", "1", "--concurrency", "4",
+		"--duration", "2s", "--warmup", "200ms", "--baseline", "500ms",
+		"--db-prefix", "treaty_bench_i13_", "--listen", coordAddr, "--participant-port", strconv.Itoa(partPort))
 	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
 	res := lastJSON(t, out)
 	requirePositive(t, res, "sagas_per_sec", "p50_ms", "p99_ms", "pg_commits_per_sec", "commits_per_saga",
@@ -81,15 +85,21 @@ func TestSagaBenchInProcess(t *testing.T) {
 	require.Equal(t, 0.0, res["failed"])
 	require.Equal(t, 3.0, res["steps"])
 	require.Equal(t, 4.0, res["concurrency"])
-	require.Equal(t, 3.0, res["participants"], "one participant server per step by default")
+	require.Equal(t, 1.0, res["participants"])
 	require.Equal(t, "in-process", res["coordinator"])
+	// The ports asked for are the ports used, so a run can sit beside other workloads.
+	require.Equal(t, coordAddr, res["coordinator_addr"])
+	require.Equal(t, []any{"127.0.0.1:" + strconv.Itoa(partPort)}, res["participant_addrs"])
+	cpu := requireCPUSplit(t, res)
+	require.Greater(t, cpu["postgresql"], 0.0, "the local server's backends are read from /proc")
+	requirePositive(t, res, "alloc_kb_per_saga")
 	require.LessOrEqual(t, res["p50_ms"].(float64), res["p99_ms"].(float64))
 	// A saga writes its transaction row at least once per step plus its creation: anything less
 	// means the counters were read before PostgreSQL published them.
 	require.GreaterOrEqual(t, res["tx_row_writes_per_saga"].(float64), 4.0)
 	require.GreaterOrEqual(t, res["commits_per_saga"].(float64), 2.0)
 	name, _ := res["database"].(string)
-	require.True(t, strings.HasPrefix(name, "treaty_bench_"), "database %q", name)
+	require.Regexp(t, `^treaty_bench_i13_[0-9a-f]{12}$`, name, "--db-prefix names the throwaway database")
 	require.False(t, databaseExists(t, db, name), "database %s was not dropped", name)
 }
 
@@ -105,12 +115,18 @@ func TestSagaBenchExternalCoordinator(t *testing.T) {
 		defer cancel()
 		require.NoError(t, a.Stop(ctx))
 	})
+	// The coordinator runs in this test process, so its pid is ours: the coordinator's CPU comes
+	// from /proc and covers the whole process.
 	code, out, errOut := runSagaMain(t, "--db", db, "--coordinator", a.Addr, "--steps", "2", "--participants", "1",
-		"--concurrency", "2", "--duration", "1s", "--warmup", "0", "--baseline", "300ms")
+		"--concurrency", "2", "--duration", "1s", "--warmup", "0", "--baseline", "300ms",
+		"--coordinator-pid", strconv.Itoa(os.Getpid()))
 	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
 	res := lastJSON(t, out)
 	requirePositive(t, res, "sagas_per_sec", "p50_ms", "p99_ms", "pg_commits_per_sec", "commits_per_saga", "ratio")
 	require.Equal(t, a.Addr, res["coordinator"])
+	cpu := requireCPUSplit(t, res)
+	require.GreaterOrEqual(t, cpu["coordinator"], res["process_cpu_ms_per_saga"].(float64)*0.9,
+		"the coordinator's process is this whole process, whose CPU includes the labeled roles")
 	require.Equal(t, 1.0, res["participants"])
 	require.Equal(t, bench.DatabaseName(db), res["database"])
 
@@ -136,6 +152,10 @@ func TestSagaBenchRejectsBadFlags(t *testing.T) {
 		{[]string{"--db", "postgres://x@127.0.0.1:1", "--coordinator", "127.0.0.1:7600"}, "--db must name the coordinator's database"},
 		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "extra"}, `unexpected argument "extra"`},
 		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--duration", "0s"}, "--duration is 0s, must be positive"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--db-prefix", "Bench-"}, `--db-prefix "Bench-": byte 0 is 'B'`},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--db-prefix", strings.Repeat("a", 52)}, "is 52 bytes, must be 1..51"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--participant-port", "65535"}, "--participant-port is 65535, must be 0 (random) or within 1..65533"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--coordinator-pid", "1"}, "--coordinator-pid needs --coordinator"},
 	} {
 		code, out, errOut := runSagaMain(t, tc.args...)
 		require.NotEqual(t, 0, code, "args %v", tc.args)
@@ -159,4 +179,71 @@ func TestSummarize(t *testing.T) {
 	require.Equal(t, 50500*time.Microsecond, l.Mean)
 	require.Equal(t, bench.Latencies{}, bench.Summarize(nil))
 	require.Equal(t, 1.5, bench.Millis(1500*time.Microsecond))
+}
+
+// requireCPUSplit checks cpu_ms_per_saga: every role is reported, the coordinator's share is
+// positive, and the total is the sum of the parts.
+func requireCPUSplit(t *testing.T, res map[string]any) map[string]float64 {
+	t.Helper()
+	raw, ok := res["cpu_ms_per_saga"].(map[string]any)
+	require.True(t, ok, "cpu_ms_per_saga missing in %v", res)
+	cpu := map[string]float64{}
+	var sum float64
+	for _, k := range []string{"coordinator", "participants", "clients", "runtime", "postgresql"} {
+		v, ok := raw[k].(float64)
+		require.True(t, ok, "cpu_ms_per_saga.%s missing in %v", k, raw)
+		require.GreaterOrEqual(t, v, 0.0, k)
+		cpu[k] = v
+		sum += v
+	}
+	require.Greater(t, cpu["coordinator"], 0.0, "cpu_ms_per_saga %v", raw)
+	require.InDelta(t, sum, raw["total"].(float64), 0.01, "cpu_ms_per_saga %v", raw)
+	return cpu
+}
+
+// freeAddr returns a loopback address whose port was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	require.NoError(t, l.Close())
+	return addr
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	_, port, err := net.SplitHostPort(freeAddr(t))
+	require.NoError(t, err)
+	n, err := strconv.Atoi(port)
+	require.NoError(t, err)
+	return n
+}
+
+// `treaty-bench participant` serves the no-op participant on the address asked for, and the saga
+// bench calls it there with --participant-addrs instead of starting its own.
+func TestSagaBenchExternalParticipant(t *testing.T) {
+	t.Parallel()
+	db := pgtest.NewDatabase(t)
+	addr := freeAddr(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	var pout, perr bytes.Buffer
+	done := make(chan int, 1)
+	go func() { done <- bench.ParticipantMain(ctx, []string{"--listen", addr}, &pout, &perr, nil) }()
+	t.Cleanup(func() {
+		cancel()
+		require.Equal(t, 0, <-done, "participant stderr: %s", perr.String())
+	})
+	code, out, errOut := runSagaMain(t, "--db", db, "--steps", "2", "--participant-addrs", addr,
+		"--concurrency", "2", "--duration", "1s", "--warmup", "0", "--baseline", "300ms")
+	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
+	res := lastJSON(t, out)
+	requirePositive(t, res, "sagas_per_sec")
+	require.Equal(t, 0.0, res["failed"])
+	require.Equal(t, []any{addr}, res["participant_addrs"])
+	require.Equal(t, 1.0, res["participants"])
+
+	code, _, errOut = runSagaMain(t, "--db", db, "--steps", "2", "--participant-addrs", addr+","+addr+","+addr)
+	require.Equal(t, 1, code)
+	require.Contains(t, errOut, "--participant-addrs names 3 participant(s) for 2 step(s)")
 }
