@@ -3,6 +3,7 @@ package ctl
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -237,7 +238,17 @@ func txAction(action string) func(ctx context.Context, c *cli, args []string) er
 			return usagef("--reason is required: say why, it goes into the transaction's history")
 		}
 		var raw json.RawMessage
-		if err := c.do(ctx, http.MethodPost, "/admin/v1/transactions/"+url.PathEscape(pos[0])+"/"+action, nil, req, &raw); err != nil {
+		err = c.do(ctx, http.MethodPost, "/admin/v1/transactions/"+url.PathEscape(pos[0])+"/"+action, nil, req, &raw)
+		var queued *queuedNotice
+		if errors.As(err, &queued) {
+			if c.output == "json" {
+				b, _ := json.Marshal(map[string]string{"gid": pos[0], "action": action, "result": "queued", "message": queued.Message})
+				return c.printJSON(b)
+			}
+			fmt.Fprintf(c.env.Stdout, "%s %s: queued; the replica driving it applies it on its next pass (%s)\n", action, pos[0], queued.Message)
+			return nil
+		}
+		if err != nil {
 			return err
 		}
 		if c.output == "json" {

@@ -64,6 +64,9 @@ func commands() []command {
 		{"workflows list", "", "every version of every registered workflow", workflowsList},
 		{"workflows show", "NAME", "the versions of one workflow with their definitions", workflowsShow},
 		{"stats", "", "counts by mode and status, what is due and overdue", stats},
+		{"faults list", "[--all]", "live fault-injection rules (--all: also deleted and expired ones, with who made and ended them)", faultsList},
+		{"faults create", "--effect E --reason TEXT --expires-in D [match flags]", "inject faults into participant calls (game days; needs --allow-fault-injection on the coordinators)", faultsCreate},
+		{"faults delete", "ID", "end a fault rule now", faultsDelete},
 	}
 }
 

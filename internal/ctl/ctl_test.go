@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -32,33 +33,53 @@ const (
 
 type env struct {
 	base   string
+	bases  []string
 	part   *testparticipant.Participant
 	client treatyv1.CoordinatorClient
 }
 
 // setup starts a real coordinator (embedded store, admin API with a viewer and an operator
 // token) and a participant whose "stuck" action is unavailable until the test ends.
-func setup(t *testing.T) *env {
+func setup(t *testing.T) *env { return setupWith(t, envOptions{}) }
+
+type envOptions struct {
+	allowFaults bool // start the coordinators with fault injection allowed
+	replicas    int  // coordinators on the one store; default 1 (env.bases has each one's admin API)
+}
+
+func setupWith(t *testing.T, o envOptions) *env {
 	t.Helper()
 	ctx := context.Background()
 	st, err := sqlite.Open(ctx, sqlite.Memory)
 	require.NoError(t, err)
+	t.Cleanup(func() { st.Close() })
 	_, err = st.Migrate(ctx)
 	require.NoError(t, err)
 	viewer, err := admin.NewToken(admin.RoleViewer, viewerSecret, "")
 	require.NoError(t, err)
 	operator, err := admin.NewToken(admin.RoleOperator, operatorSecret, "alice")
 	require.NoError(t, err)
-	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", HTTPListen: "127.0.0.1:0",
-		AdminTokens: []admin.Token{viewer, operator},
-		Engine:      engine.Config{Lease: 3 * time.Second, RecoveryInterval: 100 * time.Millisecond, OperatorThreshold: 3}})
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		require.NoError(t, a.Stop(ctx))
-		st.Close()
-	})
+	e := &env{}
+	for i := range max(o.replicas, 1) {
+		a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", HTTPListen: "127.0.0.1:0",
+			AdminTokens: []admin.Token{viewer, operator}, AllowFaultInjection: o.allowFaults,
+			Engine: engine.Config{Owner: fmt.Sprintf("replica-%d", i), Lease: 3 * time.Second,
+				RecoveryInterval: 100 * time.Millisecond, OperatorThreshold: 3}})
+		require.NoError(t, err)
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			require.NoError(t, a.Stop(ctx))
+		})
+		e.bases = append(e.bases, "http://"+a.HTTPAddr)
+		if i == 0 {
+			conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = conn.Close() })
+			e.client = treatyv1.NewCoordinatorClient(conn)
+		}
+	}
+	e.base = e.bases[0]
 	part, err := testparticipant.Start(testparticipant.Options{Script: func(ctx context.Context, c testparticipant.Call) error {
 		if c.Branch == "stuck" && c.Op == "action" {
 			return status.Error(codes.Unavailable, "warehouse offline")
@@ -67,10 +88,8 @@ func setup(t *testing.T) *env {
 	}})
 	require.NoError(t, err)
 	t.Cleanup(part.Stop)
-	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = conn.Close() })
-	return &env{base: "http://" + a.HTTPAddr, part: part, client: treatyv1.NewCoordinatorClient(conn)}
+	e.part = part
+	return e
 }
 
 func (e *env) step(name string) *treatyv1.SagaStep {

@@ -27,6 +27,14 @@ func (e *apiError) Error() string {
 	return fmt.Sprintf("%s (HTTP %d, %s)", e.Message, e.Status, e.Code)
 }
 
+// queuedNotice is the admin API's 202: the action was stored for the replica that drives the
+// transaction, which applies it on its next pass. Not a failure.
+type queuedNotice struct {
+	Message string `json:"message"`
+}
+
+func (q *queuedNotice) Error() string { return "queued: " + q.Message }
+
 // unreachableError: the request never got an answer.
 type unreachableError struct{ err error }
 
@@ -100,7 +108,15 @@ func (c *cli) do(ctx context.Context, method, path string, query url.Values, bod
 	if err != nil {
 		return &unreachableError{err}
 	}
-	if res.StatusCode != http.StatusOK {
+	if res.StatusCode == http.StatusAccepted {
+		// An operator action on a transaction another replica drives: queued for its owner.
+		q := &queuedNotice{}
+		if json.Unmarshal(b, q) != nil || q.Message == "" {
+			q.Message = strings.TrimSpace(string(b))
+		}
+		return q
+	}
+	if res.StatusCode != http.StatusOK && res.StatusCode != http.StatusCreated {
 		ae := &apiError{Status: res.StatusCode}
 		if json.Unmarshal(b, ae) != nil || ae.Message == "" {
 			ae.Code, ae.Message = "http_"+fmt.Sprint(res.StatusCode), strings.TrimSpace(string(b))
