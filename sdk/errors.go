@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
@@ -79,6 +80,13 @@ func fromStatus(rpc string, err error) error {
 		if br, ok := d.(*errdetails.BadRequest); ok && len(br.FieldViolations) > 0 {
 			e.Field = br.FieldViolations[0].Field
 		}
+	}
+	// gRPC's own receive limit answers before the coordinator reads the request, so its text
+	// cannot name the setting; say which limit it is and what to do.
+	if st.Code() == codes.ResourceExhausted && strings.Contains(st.Message(), "received message larger than max") {
+		e.Field = "request"
+		e.Message += " (the whole encoded request is larger than the coordinator's --max-request-bytes: " +
+			"send smaller payloads, or raise the limit on every replica, at most 256 MiB)"
 	}
 	return e
 }
