@@ -24,6 +24,8 @@ import (
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/store"
+	"github.com/treatyhq/treaty/internal/store/postgres"
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
@@ -58,6 +60,9 @@ type SagaConfig struct {
 	// CPUProfile, if set, receives a CPU profile of the measured phase (the whole process:
 	// clients, participants and, when in process, the coordinator).
 	CPUProfile string
+	// StatementTimes times the in-process coordinator's SQL statements during the measured phase
+	// from the Go side (a pgx tracer) and reports them in the result.
+	StatementTimes bool
 	// MemProfile, if set, receives the process's allocation profile at the end of the measured
 	// phase (cumulative since the process started, warm-up included: read it with
 	// -sample_index=alloc_space or alloc_objects).
@@ -135,6 +140,8 @@ func (c *SagaConfig) setDefaults() error {
 		return fmt.Errorf("--participant-port is %d, must be 0 (random) or within 1..%d (one port per participant server)", c.ParticipantPort, 65536-c.Participants)
 	case len(c.ParticipantAddrs) > 0 && (c.ParticipantPort != 0 || len(c.ParticipantAddrs) != c.Participants):
 		return fmt.Errorf("--participant-addrs names %d participant(s) for %d step(s): give at most one per step, and no --participant-port or --participants beside it", len(c.ParticipantAddrs), c.Steps)
+	case c.StatementTimes && c.Coordinator != "":
+		return errors.New("--statement-times times the in-process coordinator's statements; it cannot go with --coordinator")
 	case c.CoordinatorPID != 0 && c.Coordinator == "":
 		return errors.New("--coordinator-pid needs --coordinator (the in-process coordinator is measured by profiler labels)")
 	case c.CoordinatorPID < 0:
@@ -215,7 +222,10 @@ type SagaResult struct {
 	// hardly moves with the machine's load, so it shows an allocation saving where the rate is
 	// noise.
 	AllocKBPerSaga float64 `json:"alloc_kb_per_saga"`
-	PgVersion      string  `json:"pg_version"`
+	// Statements is the in-process coordinator's SQL by time spent waiting on it, with
+	// --statement-times.
+	Statements []StatementTime `json:"statements,omitempty"`
+	PgVersion  string          `json:"pg_version"`
 
 	// Where the CPU went during the measured phase (Linux): this process (clients, participants
 	// and an in-process coordinator) and the PostgreSQL backends connected to the saga database
@@ -336,6 +346,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	// connection closes, while a busy server may hold an idle backend's counters back for 10s
 	// (PGSTAT_IDLE_INTERVAL), which would make a pause-and-read come out wrong.
 	var coord *app.App
+	tracer := newStmtTracer()
 	startCoord := func(migrate bool) (string, error) {
 		if cfg.Coordinator != "" {
 			return cfg.Coordinator, nil
@@ -348,8 +359,15 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 		var err error
 		// Under the coordinator's label: everything it starts inherits it.
 		asRole(ctx, roleCoordinator, func(ctx context.Context) {
+			var st store.Store
+			if cfg.StatementTimes {
+				if st, err = tracedStore(ctx, sagaDB, cfg.DBMaxConns, migrate, tracer); err != nil {
+					return
+				}
+			}
 			a, err = app.Start(ctx, app.Config{
 				DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: cfg.Listen, Migrate: migrate, Logger: clog,
+				Store:  st,
 				Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch},
 			})
 		})
@@ -486,6 +504,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	if err != nil {
 		return SagaResult{}, err
 	}
+	tracer.on.Store(true)
 	log.Info("measuring", "duration", cfg.Duration, "steps", cfg.Steps, "concurrency", cfg.Concurrency, "coordinator", addr)
 	var run clientRun
 	var runErr error
@@ -494,6 +513,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	})
 	runtime.ReadMemStats(&ms1)
 	cpu1, _ := processCPU()
+	tracer.on.Store(false)
 	var ext time.Duration
 	if extOK {
 		if ext1, ok := pidCPU(cfg.CoordinatorPID); ok {
@@ -537,6 +557,9 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	res.Seconds = Round3(run.elapsed.Seconds())
 	res.Sagas, res.Failed, res.PrimedSagas = run.ok, run.failed, primed.ok+primed.failed
 	res.GCCycles = ms1.NumGC - ms0.NumGC
+	if cfg.StatementTimes {
+		res.Statements = tracer.results(run.ok)
+	}
 	if run.ok > 0 {
 		res.AllocKBPerSaga = Round3(float64(ms1.TotalAlloc-ms0.TotalAlloc) / 1024 / float64(run.ok))
 	}
@@ -781,6 +804,7 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	fs.IntVar(&cfg.CommitWorkers, "commit-workers", 0, "group commits in flight at once in the in-process coordinator (default: the engine's)")
 	fs.IntVar(&cfg.CommitBatch, "commit-batch", 0, "most records per group commit in the in-process coordinator (default: the engine's)")
 	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured phase to this file")
+	fs.BoolVar(&cfg.StatementTimes, "statement-times", false, "time the in-process coordinator's SQL statements (Go side) and list them in the result")
 	fs.StringVar(&cfg.MemProfile, "memprofile", "", "write the allocation profile (since start, warm-up included) to this file after the measured phase")
 	fs.DurationVar(&cfg.StatsPause, "stats-pause", 11*time.Second, "with --coordinator: how long to let its backends publish their counters before reading them")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the treaty_bench_* database instead of dropping it")
@@ -856,4 +880,29 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 		return 1
 	}
 	return 0
+}
+
+// tracedStore opens the coordinator's PostgreSQL store as app.Start would, with the statement
+// tracer on its pool.
+func tracedStore(ctx context.Context, url string, maxConns int, migrate bool, t *stmtTracer) (store.Store, error) {
+	pcfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	pcfg.MaxConns = 16
+	if maxConns > 0 {
+		pcfg.MaxConns = int32(maxConns)
+	}
+	pcfg.ConnConfig.Tracer = t
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect database: %w", err)
+	}
+	if migrate {
+		if _, err := postgres.Migrate(ctx, pool); err != nil {
+			pool.Close()
+			return nil, err
+		}
+	}
+	return postgres.New(pool), nil
 }

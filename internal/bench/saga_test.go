@@ -77,7 +77,8 @@ func TestSagaBenchInProcess(t *testing.T) {
 	coordAddr, partPort := freeAddr(t), freePort(t)
 	code, out, errOut := runSagaMain(t, "--db", db, "--steps", "3", "--participants", "1", "--concurrency", "4",
 		"--duration", "2s", "--warmup", "200ms", "--baseline", "500ms",
-		"--db-prefix", "treaty_bench_i13_", "--listen", coordAddr, "--participant-port", strconv.Itoa(partPort))
+		"--db-prefix", "treaty_bench_i13_", "--listen", coordAddr, "--participant-port", strconv.Itoa(partPort),
+		"--statement-times")
 	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
 	res := lastJSON(t, out)
 	requirePositive(t, res, "sagas_per_sec", "p50_ms", "p99_ms", "pg_commits_per_sec", "commits_per_saga",
@@ -93,6 +94,17 @@ func TestSagaBenchInProcess(t *testing.T) {
 	cpu := requireCPUSplit(t, res)
 	require.Greater(t, cpu["postgresql"], 0.0, "the local server's backends are read from /proc")
 	requirePositive(t, res, "alloc_kb_per_saga")
+	// --statement-times: the creation statement runs once per saga (primed ones beside).
+	stmts, _ := res["statements"].([]any)
+	require.NotEmpty(t, stmts, "statements")
+	var creates float64
+	for _, x := range stmts {
+		st := x.(map[string]any)
+		if strings.Contains(st["sql"].(string), "INSERT INTO treaty_transactions") {
+			creates += st["calls"].(float64)
+		}
+	}
+	require.GreaterOrEqual(t, creates, res["sagas"].(float64), "statements %v", stmts)
 	require.LessOrEqual(t, res["p50_ms"].(float64), res["p99_ms"].(float64))
 	// A saga writes its transaction row at least once per step plus its creation: anything less
 	// means the counters were read before PostgreSQL published them.
@@ -156,6 +168,7 @@ func TestSagaBenchRejectsBadFlags(t *testing.T) {
 		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--db-prefix", strings.Repeat("a", 52)}, "is 52 bytes, must be 1..51"},
 		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--participant-port", "65535"}, "--participant-port is 65535, must be 0 (random) or within 1..65533"},
 		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--coordinator-pid", "1"}, "--coordinator-pid needs --coordinator"},
+		{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--coordinator", "127.0.0.1:7600", "--statement-times"}, "--statement-times times the in-process coordinator's statements"},
 	} {
 		code, out, errOut := runSagaMain(t, tc.args...)
 		require.NotEqual(t, 0, code, "args %v", tc.args)

@@ -64,6 +64,13 @@ type TxConfig struct {
 	CPUProfile string
 	// Keep leaves the throwaway database in place.
 	Keep bool
+	// DBPrefix, Listen and ParticipantPort place the run beside other workloads, as in
+	// SagaConfig: the throwaway database's name prefix (default "treaty_bench_"), the in-process
+	// coordinator's gRPC address (default 127.0.0.1:0) and the first participant port (server i
+	// on 127.0.0.1:ParticipantPort+i; default random).
+	DBPrefix        string
+	Listen          string
+	ParticipantPort int
 	// StatsPause is how long to wait for an external coordinator's backends to publish their
 	// counters before reading them (an in-process coordinator is stopped instead, which is
 	// exact); default 11s: a busy server retries a flush that found its lock taken after 10s.
@@ -101,6 +108,18 @@ func (c *TxConfig) setDefaults() error {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.DBPrefix == "" {
+		c.DBPrefix = "treaty_bench_"
+	}
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:0"
+	}
+	if err := checkDBPrefix(c.DBPrefix); err != nil {
+		return err
+	}
+	if c.ParticipantPort < 0 || c.ParticipantPort+c.Participants-1 > 65535 {
+		return fmt.Errorf("--participant-port is %d, must be 0 (random) or within 1..%d (one port per participant server)", c.ParticipantPort, 65536-c.Participants)
 	}
 	switch {
 	case c.Branches < 1 || c.Branches > 64:
@@ -161,12 +180,15 @@ type TxResult struct {
 
 	Participants int    `json:"participants"`
 	Coordinator  string `json:"coordinator"` // "in-process" or the address given
-	Database     string `json:"database"`    // the database the transactions were stored in
-	Kept         bool   `json:"kept"`        // the throwaway database was left in place
-	GoMaxProcs   int    `json:"gomaxprocs"`
-	NumCPU       int    `json:"num_cpu"`
-	GCCycles     uint32 `json:"gc_cycles"` // during the measured phase, this process
-	PgVersion    string `json:"pg_version"`
+	// Where the measured coordinator and the participant servers listened.
+	CoordinatorAddr  string   `json:"coordinator_addr"`
+	ParticipantAddrs []string `json:"participant_addrs"`
+	Database         string   `json:"database"` // the database the transactions were stored in
+	Kept             bool     `json:"kept"`     // the throwaway database was left in place
+	GoMaxProcs       int      `json:"gomaxprocs"`
+	NumCPU           int      `json:"num_cpu"`
+	GCCycles         uint32   `json:"gc_cycles"` // during the measured phase, this process
+	PgVersion        string   `json:"pg_version"`
 
 	// Where the CPU went during the measured phase (Linux): this process (clients, participants
 	// and an in-process coordinator) and the PostgreSQL backends connected to the coordinator's
@@ -207,7 +229,7 @@ func runTx(ctx context.Context, cfg TxConfig, mode txMode) (res TxResult, err er
 	cleanupCtx := context.WithoutCancel(ctx)
 
 	// A database of our own, so the bench never touches real data.
-	tmp, err := CreateTempDatabase(ctx, cfg.DB, "treaty_bench_")
+	tmp, err := CreateTempDatabase(ctx, cfg.DB, cfg.DBPrefix)
 	if err != nil {
 		return TxResult{}, err
 	}
@@ -264,9 +286,14 @@ func runTx(ctx context.Context, cfg TxConfig, mode txMode) (res TxResult, err er
 		}
 	}()
 	for i := range parts {
-		if parts[i], err = testparticipant.Start(testparticipant.Options{NoRecord: true}); err != nil {
-			return TxResult{}, fmt.Errorf("start participant %d: %w", i, err)
+		opts := testparticipant.Options{NoRecord: true}
+		if cfg.ParticipantPort > 0 {
+			opts.Listen = fmt.Sprintf("127.0.0.1:%d", cfg.ParticipantPort+i)
 		}
+		if parts[i], err = testparticipant.Start(opts); err != nil {
+			return TxResult{}, fmt.Errorf("start participant %d on %s: %w", i, opts.Listen, err)
+		}
+		res.ParticipantAddrs = append(res.ParticipantAddrs, parts[i].Addr)
 	}
 	op := mode.build(parts, cfg.Branches)
 
@@ -283,7 +310,7 @@ func runTx(ctx context.Context, cfg TxConfig, mode txMode) (res TxResult, err er
 			clog = slog.New(slog.DiscardHandler)
 		}
 		a, err := app.Start(ctx, app.Config{
-			DB: txDB, DBMaxConns: cfg.DBMaxConns, Listen: "127.0.0.1:0", Migrate: migrate, Logger: clog,
+			DB: txDB, DBMaxConns: cfg.DBMaxConns, Listen: cfg.Listen, Migrate: migrate, Logger: clog,
 			Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch},
 		})
 		if err != nil {
@@ -351,6 +378,7 @@ func runTx(ctx context.Context, cfg TxConfig, mode txMode) (res TxResult, err er
 	if addr, err = startCoord(false); err != nil {
 		return TxResult{}, err
 	}
+	res.CoordinatorAddr = addr
 
 	if cfg.CPUProfile != "" {
 		f, err := os.Create(cfg.CPUProfile)
@@ -533,6 +561,9 @@ func txMain(ctx context.Context, mode txMode, usage string, args []string, stdou
 	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured phase to this file")
 	fs.DurationVar(&cfg.StatsPause, "stats-pause", 11*time.Second, "with --coordinator: how long to let its backends publish their counters before reading them")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the treaty_bench_* database instead of dropping it")
+	fs.StringVar(&cfg.DBPrefix, "db-prefix", "treaty_bench_", "name prefix of the throwaway database (12 random hex digits follow); lower-case letters, digits and _")
+	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "gRPC address of the in-process coordinator (default: a random loopback port)")
+	fs.IntVar(&cfg.ParticipantPort, "participant-port", 0, "first port of the participant servers, one port each from there (default 0: random ports)")
 	fs.BoolVar(&verbose, "v", false, "log the coordinator's warnings too")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

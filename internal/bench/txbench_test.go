@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -67,10 +68,15 @@ func TestTCCBenchInProcess(t *testing.T) {
 func TestTwoPhaseBenchInProcess(t *testing.T) {
 	t.Parallel()
 	db := pgtest.NewDatabase(t)
+	coordAddr, partPort := freeAddr(t), freePort(t)
 	code, out, errOut := runBench(t, bench.TwoPhaseMain, "--db", db, "--branches", "3", "--participants", "1",
-		"--concurrency", "4", "--duration", "1s", "--warmup", "200ms", "--baseline", "500ms")
+		"--concurrency", "4", "--duration", "1s", "--warmup", "200ms", "--baseline", "500ms",
+		"--listen", coordAddr, "--participant-port", strconv.Itoa(partPort), "--db-prefix", "treaty_bench_i13x_")
 	require.Equal(t, 0, code, "stderr:\n%s\nstdout:\n%s", errOut, out)
-	requireTxResult(t, db, out, "2pc", 3, 1)
+	res := requireTxResult(t, db, out, "2pc", 3, 1)
+	require.Equal(t, coordAddr, res["coordinator_addr"])
+	require.Equal(t, []any{"127.0.0.1:" + strconv.Itoa(partPort)}, res["participant_addrs"])
+	require.Regexp(t, `^treaty_bench_i13x_[0-9a-f]{12}$`, res["database"])
 	require.Contains(t, out, "2pc bench: 3-branch transactions, concurrency 4")
 }
 
@@ -88,6 +94,8 @@ func TestTxBenchRejectsBadFlags(t *testing.T) {
 			{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--concurrency", "-1"}, "--concurrency is -1, must be within 1..1024"},
 			{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--branches", "2", "--participants", "3"}, "--participants is 3, must be within 1..2"},
 			{[]string{"--db", "postgres://x@127.0.0.1:1", "--coordinator", "127.0.0.1:7600"}, "--db must name the coordinator's database"},
+			{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--db-prefix", "a-b"}, `--db-prefix "a-b": byte 1 is '-'`},
+			{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--participant-port", "-1"}, "--participant-port is -1"},
 			{[]string{"--db", "postgres://x@127.0.0.1:1/db", "extra"}, `unexpected argument "extra"`},
 			{[]string{"--db", "postgres://x@127.0.0.1:1/db", "--duration", "0s"}, "--duration is 0s, must be positive"},
 		} {

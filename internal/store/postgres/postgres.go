@@ -157,7 +157,10 @@ WITH t AS (
     FROM t, unnest($14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
     ORDER BY x.n
 )
-SELECT count(*) + (SELECT count(*) FROM treaty_transactions WHERE $20::bigint <> 0 AND gid = $1 AND epoch = $2 AND last_write = $20::bigint),
+SELECT CASE WHEN count(*) = 1 THEN 1
+            -- Only when the update matched nothing: a second index probe per record otherwise
+            -- (the subquery is an InitPlan, run on first use).
+            ELSE (SELECT count(*) FROM treaty_transactions WHERE $20::bigint <> 0 AND gid = $1 AND epoch = $2 AND last_write = $20::bigint) END,
        max(lease_expires_at) FROM t`
 
 // Record implements store.Store: all writes in one pipelined batch, one commit.
