@@ -150,6 +150,7 @@ type serveConfig struct {
 	maxRequest                                         int
 	allowTargets                                       string
 	maxActiveBytes                                     int64
+	maxEndpoints                                       int
 	autoMigrate                                        bool
 	allowFaults                                        bool
 }
@@ -177,6 +178,8 @@ func serve(ctx context.Context, args []string, env Env) error {
 		"      CIDR[:port], IP, [IPv6]:port, * (empty: any). Link-local addresses (169.254.0.0/16, fe80::/10) and this\n"+
 		"      coordinator's own listen addresses are refused whatever the list (link-local unless an IP or CIDR pattern names them)")
 	f.Int(&c.maxSteps, "max-steps", engine.DefaultMaxSteps, "most steps in one saga")
+	f.Int(&c.maxEndpoints, "max-participant-endpoints", invoke.DefaultMaxEndpoints, "participant endpoints (address sets, each with a connection and a\n"+
+		"      circuit breaker) kept at once; past it a new one replaces one idle for a minute, or its call is retried later")
 	f.Int(&c.dbConns, "db-max-conns", 16, "PostgreSQL connection pool size")
 	f.Duration(&c.shutdown, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long to let in-flight calls finish before handing work back")
 	f.String(&c.logFormat, "log-format", "text", "log format: text or json")
@@ -220,7 +223,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS, MaxRequestBytes: c.maxRequest,
 		AllowFaultInjection: c.allowFaults,
 		AllowTargets:        targetpolicy.ParsePatterns(c.allowTargets),
-		Invoke:              invoke.Config{Breaker: breaker},
+		Invoke:              invoke.Config{Breaker: breaker, MaxEndpoints: c.maxEndpoints},
 		Engine: engine.Config{
 			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
 			MaxActive: c.maxActive, MaxActiveBytes: c.maxActiveBytes, OperatorThreshold: c.threshold, Retry: retryDefaults,

@@ -108,6 +108,7 @@ var serveFlags = []flagDoc{
 	{"max-request-bytes", "TREATY_MAX_REQUEST_BYTES", "4194304"},
 	{"allow-targets", "TREATY_ALLOW_TARGETS", ""},
 	{"max-active-bytes", "TREATY_MAX_ACTIVE_BYTES", "268435456"},
+	{"max-participant-endpoints", "TREATY_MAX_PARTICIPANT_ENDPOINTS", "1024"},
 	{"db-max-conns", "TREATY_DB_MAX_CONNS", "16"},
 	{"shutdown-timeout", "TREATY_SHUTDOWN_TIMEOUT", "30s"},
 	{"log-format", "TREATY_LOG_FORMAT", "text"},

@@ -155,7 +155,29 @@ type Config struct {
 	// when its connection is created. An error fails the call Transient with ErrTransport and
 	// the next call tries again.
 	TransportFor func(addrs []string) ([]grpc.DialOption, error)
+	// MaxEndpoints bounds the endpoints (address sets, each with a connection and a breaker)
+	// kept at once: clients choose targets, so the state kept for them must have a ceiling.
+	// A new endpoint past it takes the place of the one unused longest, if that one has been
+	// idle for EndpointIdle; otherwise the call fails Transient with ErrTooManyEndpoints and is
+	// retried like any other. <= 0 = DefaultMaxEndpoints.
+	MaxEndpoints int
+	// EndpointIdle is how long an endpoint must have gone without calls before it may be
+	// closed to make room. <= 0 = DefaultEndpointIdle.
+	EndpointIdle time.Duration
 }
+
+// Endpoint cache defaults, for documentation and flags.
+const (
+	DefaultMaxEndpoints = 1024
+	DefaultEndpointIdle = time.Minute
+	// maxCachedTargets bounds the parsed-URI cache (a target differs from another by its
+	// method too, which clients choose freely); past it the cache starts over.
+	maxCachedTargets = 16384
+)
+
+// ErrTooManyEndpoints: MaxEndpoints endpoints are in use and none has been idle long enough to
+// make room.
+var ErrTooManyEndpoints = errors.New("invoke: too many participant endpoints in use")
 
 const (
 	defaultTimeout       = 5 * time.Second
@@ -190,6 +212,8 @@ type Invoker struct {
 	breaker        BreakerConfig
 	dialOptions    []grpc.DialOption
 	transportFor   func([]string) ([]grpc.DialOption, error)
+	maxEndpoints   int
+	endpointIdle   time.Duration
 
 	mu        sync.RWMutex
 	closed    bool
@@ -211,6 +235,8 @@ type endpoint struct {
 	slots   chan struct{} // a buffered channel as a counting semaphore
 	// openUntil is when the breaker, if open, lets a trial call through (unix nanoseconds).
 	openUntil atomic.Int64
+	// lastUsed is when a call last took this endpoint (unix nanoseconds), for eviction.
+	lastUsed atomic.Int64
 }
 
 // New returns an Invoker. It dials nothing: connections are made on first use.
@@ -222,6 +248,8 @@ func New(cfg Config) *Invoker {
 		breaker:        cfg.Breaker,
 		dialOptions:    cfg.DialOptions,
 		transportFor:   cfg.TransportFor,
+		maxEndpoints:   cfg.MaxEndpoints,
+		endpointIdle:   cfg.EndpointIdle,
 		targets:        make(map[string]route),
 		endpoints:      make(map[string]*endpoint),
 	}
@@ -242,6 +270,12 @@ func New(cfg Config) *Invoker {
 	}
 	if i.breaker.HalfOpenCalls == 0 {
 		i.breaker.HalfOpenCalls = 1
+	}
+	if i.maxEndpoints <= 0 {
+		i.maxEndpoints = DefaultMaxEndpoints
+	}
+	if i.endpointIdle <= 0 {
+		i.endpointIdle = DefaultEndpointIdle
 	}
 	return i
 }
@@ -271,6 +305,7 @@ func (i *Invoker) Call(ctx context.Context, req Request) (res Result) {
 		return failure(errorCode(err), err)
 	}
 	ep := rt.endpoint
+	ep.lastUsed.Store(time.Now().UnixNano())
 
 	timeout := req.Timeout
 	if timeout == 0 {
@@ -412,15 +447,49 @@ func (i *Invoker) route(uri string) (route, error) {
 	}
 	ep, ok := i.endpoints[key]
 	if !ok {
+		if len(i.endpoints) >= i.maxEndpoints && !i.evictIdleLocked() {
+			return route{}, &localError{code: codes.ResourceExhausted, err: fmt.Errorf(
+				"%w: %d endpoints, none idle for %v; target %s waits its turn", ErrTooManyEndpoints, len(i.endpoints), i.endpointIdle, key)}
+		}
 		ep, err = i.newEndpoint(key, t.Addrs)
 		if err != nil {
 			return route{}, &localError{code: codes.Unavailable, err: err}
 		}
+		ep.lastUsed.Store(time.Now().UnixNano())
 		i.endpoints[key] = ep
 	}
 	rt = route{method: t.Method, endpoint: ep}
+	if len(i.targets) >= maxCachedTargets {
+		i.targets = make(map[string]route)
+	}
 	i.targets[uri] = rt
 	return rt, nil
+}
+
+// evictIdleLocked closes the endpoint unused longest, if it has had no call for endpointIdle
+// and none is in flight, and forgets the routes to it. i.mu must be held for writing.
+func (i *Invoker) evictIdleLocked() bool {
+	var victim *endpoint
+	for _, ep := range i.endpoints {
+		if len(ep.slots) == 0 && (victim == nil || ep.lastUsed.Load() < victim.lastUsed.Load()) {
+			victim = ep
+		}
+	}
+	if victim == nil || time.Since(time.Unix(0, victim.lastUsed.Load())) < i.endpointIdle {
+		return false
+	}
+	delete(i.endpoints, victim.key)
+	for uri, rt := range i.targets {
+		if rt.endpoint == victim {
+			delete(i.targets, uri)
+		}
+	}
+	i.logger.Info("invoke: closing an idle endpoint to make room", "endpoint", victim.key, "max_endpoints", i.maxEndpoints)
+	// A call that took this endpoint just before it was chosen fails Transient and is retried.
+	if err := victim.conn.Close(); err != nil {
+		i.logger.Warn("invoke: closing an idle endpoint", "endpoint", victim.key, "err", err)
+	}
+	return true
 }
 
 func (i *Invoker) newEndpoint(key string, addrs []string) (*endpoint, error) {

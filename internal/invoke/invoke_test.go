@@ -692,3 +692,42 @@ func BenchmarkCall(b *testing.B) {
 		})
 	})
 }
+
+// Clients choose targets, so the endpoints kept (a connection and a breaker each) are bounded:
+// past MaxEndpoints a new one replaces the one idle longest, or waits its turn.
+func TestEndpointsBounded(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	a, b, c := startParticipant(t, echo), startParticipant(t, echo), startParticipant(t, echo)
+	key := func(p *participant) string {
+		tg, err := invoke.ParseTarget(p.target("/svc.S/M"))
+		require.NoError(t, err)
+		return tg.Endpoint()
+	}
+
+	// None idle long enough: the third endpoint is refused, transiently, and nothing is dropped.
+	busy := newInvoker(t, invoke.Config{MaxEndpoints: 2, EndpointIdle: time.Hour})
+	for _, p := range []*participant{a, b} {
+		require.Equal(t, invoke.OK, busy.Call(ctx, invoke.Request{Target: p.target("/svc.S/M"), Payload: []byte("x")}).Outcome)
+	}
+	res := busy.Call(ctx, invoke.Request{Target: c.target("/svc.S/M"), Payload: []byte("x")})
+	require.Equal(t, invoke.Transient, res.Outcome)
+	require.ErrorIs(t, res.Err, invoke.ErrTooManyEndpoints)
+	require.Equal(t, int64(0), c.calls.Load())
+	// Many methods on a known endpoint add no endpoint.
+	for n := range 50 {
+		require.Equal(t, invoke.OK, busy.Call(ctx, invoke.Request{Target: a.target(fmt.Sprintf("/svc.S/M%d", n)), Payload: []byte("x")}).Outcome)
+	}
+	require.Len(t, busy.BreakerStates(), 2)
+
+	// Idle endpoints make room: the one unused longest goes, and comes back when called again.
+	roomy := newInvoker(t, invoke.Config{MaxEndpoints: 2, EndpointIdle: time.Nanosecond})
+	for _, p := range []*participant{a, b, c, a} {
+		require.Equal(t, invoke.OK, roomy.Call(ctx, invoke.Request{Target: p.target("/svc.S/M"), Payload: []byte("x")}).Outcome)
+	}
+	states := roomy.BreakerStates()
+	require.Len(t, states, 2)
+	require.Contains(t, states, key(c))
+	require.Contains(t, states, key(a))
+	require.NotContains(t, states, key(b), "b was unused longest when a came back")
+}
