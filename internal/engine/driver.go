@@ -63,9 +63,12 @@ type driver struct {
 	ended atomic.Bool
 }
 
-// heartbeat is how long a driver goes without writing before it writes anyway; well below any
-// sensible --stuck-after.
-const heartbeat = time.Minute
+// heartbeat is how long a driver goes without writing before it writes anyway: a minute, or a
+// third of --stuck-after when that is shorter, so the stuck-transaction job never takes a live
+// driver's transaction (one whose calls an open breaker holds back writes nothing else).
+func (e *Engine) heartbeat() time.Duration {
+	return min(time.Minute, e.cfg.Jobs.StuckAfter/3)
+}
 
 type callResult struct {
 	d   dispatch
@@ -156,7 +159,7 @@ func (d *driver) run() {
 		// not recorded) writes anyway: a live driver looks alive to the stuck-transaction job,
 		// a hung one does not. A finished state is always written, even with nothing new, so
 		// that a claim of a finished row ends with nothing due.
-		if len(pending) > 0 || (d.m.terminal() && !d.wroteOnce) || time.Since(d.lastWrite) > heartbeat {
+		if len(pending) > 0 || (d.m.terminal() && !d.wroteOnce) || time.Since(d.lastWrite) > d.e.heartbeat() {
 			if !d.persist(pending) {
 				return
 			}

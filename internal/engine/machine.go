@@ -43,7 +43,7 @@ type dispatch struct {
 func outcomeOf(res invoke.Result) (outcome saga.Outcome, notSent bool, msg string) {
 	if res.Err != nil {
 		msg = participantText(res.Err)
-		notSent = errorsIsAny(res.Err, invoke.ErrBreakerOpen, invoke.ErrNoSlot)
+		notSent = errorsIsAny(res.Err, invoke.ErrBreakerOpen, invoke.ErrNoSlot, invoke.ErrTooManyEndpoints)
 	}
 	switch res.Outcome {
 	case invoke.OK:

@@ -218,7 +218,8 @@ func (e *Engine) operateIdle(ctx context.Context, op Operation) error {
 	if opErr != nil {
 		// Give it back as it was: ownership ends, nothing else changes.
 		if !d.persist(nil) {
-			return fmt.Errorf("%w: %w (and the transaction could not be handed back; it will be after its lease)", ErrConflict, opErr)
+			// Not a refusal of the action: a queued one is kept and tried again.
+			return fmt.Errorf("%w: %w: %w (and the transaction could not be handed back; it will be after its lease)", ErrConflict, errTryAgain, opErr)
 		}
 		if !d.m.terminal() && !d.paused {
 			d.release()
@@ -226,7 +227,8 @@ func (e *Engine) operateIdle(ctx context.Context, op Operation) error {
 		return fmt.Errorf("%w: %w", ErrConflict, opErr)
 	}
 	if !d.persist(events) {
-		return fmt.Errorf("%w: lost the transaction while recording the action; try again", ErrConflict)
+		// Nothing was recorded: a queued action stays queued and is tried again.
+		return fmt.Errorf("%w: %w: lost the transaction while recording the action", ErrConflict, errTryAgain)
 	}
 	if d.m.terminal() || d.paused {
 		return nil

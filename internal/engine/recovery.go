@@ -32,6 +32,11 @@ func (e *Engine) recoveryLoop(ctx context.Context) {
 		if err != nil && ctx.Err() == nil {
 			e.log.Warn("recovery: claim failed", "err", err)
 		}
+		// Queued operator actions are applied on every pass, also when this replica is full
+		// (--max-active) and claims nothing: a full replica is when an operator most needs them.
+		if !e.isStopping() {
+			e.applyQueued(ctx)
+		}
 		next := e.cfg.RecoveryInterval
 		if n == e.cfg.ClaimBatch {
 			next = 0 // more may be waiting
@@ -56,7 +61,6 @@ func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer e.applyQueued(ctx)
 	if len(claimed) > 0 {
 		e.cfg.Observer.LeasesClaimed(len(claimed))
 	}
