@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -190,8 +191,16 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	}
 	ec := cfg.Engine
 	ec.Store, ec.Invoker, ec.Logger = st, a.inv, cfg.Logger
+	// Rules expire on the database clock, which the engine (created below) keeps.
+	var eng atomic.Pointer[engine.Engine]
+	dbNow := func() time.Time {
+		if e := eng.Load(); e != nil {
+			return e.Now()
+		}
+		return time.Now()
+	}
 	if a.Faults, err = faults.New(faults.Config{Store: st, Enabled: cfg.AllowFaultInjection, Refresh: cfg.FaultRefresh,
-		Registerer: a.Registry, Logger: cfg.Logger}); err != nil {
+		Registerer: a.Registry, Logger: cfg.Logger, Now: dbNow}); err != nil {
 		return fail(err)
 	}
 	if a.Faults.Enabled() {
@@ -215,6 +224,7 @@ func Start(ctx context.Context, cfg Config) (*App, error) {
 	if a.Engine, err = engine.New(ec); err != nil {
 		return fail(err)
 	}
+	eng.Store(a.Engine)
 	a.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "treaty_active_payload_bytes",
 		Help: "Payload bytes held by the transactions this replica drives (bounded by --max-active-bytes).",

@@ -36,6 +36,10 @@ func (e *Engine) now() time.Time {
 	return e.cfg.Now().Add(time.Duration(e.clockOffset.Load()))
 }
 
+// Now is the database clock as seen from this replica: its own clock plus the measured offset.
+// Other parts of the coordinator that compare with persisted times use it too.
+func (e *Engine) Now() time.Time { return e.now() }
+
 // ClockOffset returns the last measured offset of the database clock to this replica's clock.
 func (e *Engine) ClockOffset() time.Duration { return time.Duration(e.clockOffset.Load()) }
 

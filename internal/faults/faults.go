@@ -58,6 +58,9 @@ type Config struct {
 	Logger     *slog.Logger
 	// Rand returns uniform numbers in [0,1) for the rules' probability; default math/rand/v2.
 	Rand func() float64
+	// Now is the clock rules' expiry times are compared with: the database clock (the engine's
+	// corrected clock), since the store writes them with it; default time.Now.
+	Now func() time.Time
 }
 
 // Stored is a rule with what the store knows of it.
@@ -99,6 +102,9 @@ func New(cfg Config) (*Injector, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	if cfg.Rand == nil {
 		cfg.Rand = rand.Float64
@@ -224,7 +230,22 @@ func (i *Injector) Rules() []fault.Rule {
 // Call implements engine.FaultInjector.
 func (i *Injector) Call(ctx context.Context, workflow string, req invoke.Request,
 	next func(context.Context, invoke.Request) invoke.Result) (invoke.Result, string) {
-	r, ok := i.pick(ctx, fault.Call{Target: req.Target, Op: req.Metadata.Op, GID: req.Metadata.GID, Workflow: workflow})
+	// Taking a firing is a database round trip: it counts against the call's timeout, which
+	// the engine bounded by the lease, so no call made after it outlives the lease.
+	start := time.Now()
+	pickCtx := ctx
+	if req.Timeout > 0 {
+		var cancel context.CancelFunc
+		pickCtx, cancel = context.WithTimeout(ctx, req.Timeout)
+		defer cancel()
+	}
+	r, ok := i.pick(pickCtx, fault.Call{Target: req.Target, Op: req.Metadata.Op, GID: req.Metadata.GID, Workflow: workflow})
+	if req.Timeout > 0 {
+		if req.Timeout -= time.Since(start); req.Timeout <= 0 {
+			return invoke.Result{Outcome: invoke.Transient, Code: codes.DeadlineExceeded,
+				Err: status.Error(codes.DeadlineExceeded, "fault rules could not be read within the call's timeout; not sent")}, ""
+		}
+	}
 	if !ok {
 		return next(ctx, req), ""
 	}
@@ -241,7 +262,7 @@ func (i *Injector) pick(ctx context.Context, c fault.Call) (fault.Rule, bool) {
 	i.mu.Lock()
 	var cands []int
 	for k, r := range i.rules {
-		if !i.exhausted[i.ids[k]] && r.Matches(c) && time.Now().Before(r.ExpiresAt) {
+		if !i.exhausted[i.ids[k]] && r.Matches(c) && i.cfg.Now().Before(r.ExpiresAt) {
 			cands = append(cands, k)
 		}
 	}
@@ -329,8 +350,8 @@ func (i *Injector) Create(ctx context.Context, r fault.Rule, expiresIn time.Dura
 		return Stored{}, ErrDisabled
 	}
 	r.ID = ""
-	r.ExpiresAt = time.Now().Add(expiresIn)
-	if err := r.Validate(time.Now()); err != nil {
+	r.ExpiresAt = i.cfg.Now().Add(expiresIn)
+	if err := r.Validate(i.cfg.Now()); err != nil {
 		return Stored{}, err
 	}
 	live, err := i.cfg.Store.ListFaults(ctx, false, MaxLiveRules)
