@@ -251,7 +251,9 @@ func (i *Injector) Call(ctx context.Context, workflow string, req invoke.Request
 	}
 	i.injected.WithLabelValues(string(r.Effect), req.Metadata.Op).Inc()
 	i.log.Info("fault injected", "gid", req.Metadata.GID, "branch", req.Metadata.Branch, "op", req.Metadata.Op, "rule", r.ID, "effect", r.Effect)
-	return Apply(ctx, r, req, next), r.Describe()
+	res := Apply(ctx, r, req, next)
+	res.Duration = time.Since(start) // from the call's start, the firing's round trip included
+	return res, r.Describe()
 }
 
 // pick finds the first live rule that matches c and fires, and takes a firing from the store.
