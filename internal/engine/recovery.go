@@ -51,7 +51,9 @@ func (e *Engine) recoveryLoop(ctx context.Context) {
 // recoverOnce claims one batch and starts a driver for each claimed transaction.
 func (e *Engine) recoverOnce(ctx context.Context) (int, error) {
 	room := e.cfg.MaxActive - e.Active()
-	if room <= 0 || e.isStopping() {
+	// A replica over its memory budget takes on no one else's work either; another replica
+	// with room does.
+	if room <= 0 || e.isStopping() || e.ActiveBytes() >= e.cfg.MaxActiveBytes {
 		return 0, nil
 	}
 	sent := time.Now()

@@ -190,6 +190,10 @@ func (e *Engine) DecideTCC(ctx context.Context, gid string, commit bool, reason 
 	if err := e.admit(); err != nil {
 		return err
 	}
+	// Driving the decision loads every branch's payloads: not on a replica over its budget.
+	if err := e.admitBytes(0); err != nil {
+		return err
+	}
 	to, kind := tcc.PhaseConfirming, "confirming"
 	if !commit {
 		to, kind = tcc.PhaseCancelling, "cancelling"
