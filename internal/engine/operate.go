@@ -134,7 +134,7 @@ const maxQueuedPerPass = 16
 // logged (the state moved on since it was asked). If this replica dies after applying and
 // before deleting, the next one applies it again, which the state machine then refuses.
 func (e *Engine) applyQueued(ctx context.Context) {
-	qs, err := e.cfg.Store.QueuedOperations(ctx, maxQueuedPerPass)
+	qs, err := e.cfg.Store.QueuedOperations(ctx, e.cfg.Owner, maxQueuedPerPass)
 	if err != nil {
 		if ctx.Err() == nil {
 			e.log.Warn("reading queued operator actions failed", "err", err)

@@ -343,8 +343,10 @@ type Store interface {
 	// QueueOperation stores an operator action for the replica that drives gid to apply; it
 	// returns the queued row (with its id), or ErrNotFound.
 	QueueOperation(ctx context.Context, q QueuedOperation) (QueuedOperation, error)
-	// QueuedOperations returns up to limit queued actions, oldest first.
-	QueuedOperations(ctx context.Context, limit int) ([]QueuedOperation, error)
+	// QueuedOperations returns up to limit queued actions that owner can apply now, oldest
+	// first: those on transactions owner leases, unleased ones, or ones whose lease expired.
+	// Actions another replica is to apply are not returned, so they cannot crowd owner's out.
+	QueuedOperations(ctx context.Context, owner string, limit int) ([]QueuedOperation, error)
 	// DeleteQueuedOperation removes a queued action once it was applied or refused.
 	DeleteQueuedOperation(ctx context.Context, id int64) error
 	// Now returns the database clock.

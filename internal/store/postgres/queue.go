@@ -26,9 +26,11 @@ VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, queued_at`, q.GID, q.Action, q.Bra
 }
 
 // QueuedOperations implements store.Store.
-func (s *Store) QueuedOperations(ctx context.Context, limit int) ([]store.QueuedOperation, error) {
-	rows, err := s.pool.Query(ctx, `SELECT id, gid, action, branch, op, actor, reason, queued_at
-FROM treaty_operator_queue ORDER BY id LIMIT $1`, limit)
+func (s *Store) QueuedOperations(ctx context.Context, owner string, limit int) ([]store.QueuedOperation, error) {
+	rows, err := s.pool.Query(ctx, `SELECT q.id, q.gid, q.action, q.branch, q.op, q.actor, q.reason, q.queued_at
+FROM treaty_operator_queue q JOIN treaty_transactions t ON t.gid = q.gid
+WHERE t.lease_owner IS NULL OR t.lease_owner = $2 OR t.lease_expires_at <= now()
+ORDER BY q.id LIMIT $1`, limit, owner)
 	if err != nil {
 		return nil, fmt.Errorf("read queued operator actions: %w", err)
 	}

@@ -23,11 +23,13 @@ VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id`, q.GID, q.Action, q.Branch, q.Op, q.A
 }
 
 // QueuedOperations implements store.Store.
-func (s *Store) QueuedOperations(ctx context.Context, limit int) ([]store.QueuedOperation, error) {
+func (s *Store) QueuedOperations(ctx context.Context, owner string, limit int) ([]store.QueuedOperation, error) {
 	var out []store.QueuedOperation
 	err := s.read(ctx, "read queued operator actions", func(tx *sql.Tx) error {
-		rows, err := tx.QueryContext(ctx, `SELECT id, gid, action, branch, op, actor, reason, queued_at
-FROM treaty_operator_queue ORDER BY id LIMIT ?`, limit)
+		rows, err := tx.QueryContext(ctx, `SELECT q.id, q.gid, q.action, q.branch, q.op, q.actor, q.reason, q.queued_at
+FROM treaty_operator_queue q JOIN treaty_transactions t ON t.gid = q.gid
+WHERE t.lease_owner IS NULL OR t.lease_owner = ?2 OR t.lease_expires_at <= ?3
+ORDER BY q.id LIMIT ?1`, limit, owner, micros(now()))
 		if err != nil {
 			return err
 		}
