@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
+	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/pgtest"
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
@@ -185,4 +186,23 @@ func TestTCCCrashAfterDecision(t *testing.T) {
 		require.LessOrEqual(t, calls["confirm:"+n], 2)
 		require.Zero(t, calls["cancel:"+n])
 	}
+}
+
+// A TCC holds at most --max-steps branches, like a saga's steps: a commit loads them all.
+func TestTCCBranchesBoundedByMaxSteps(t *testing.T) {
+	t.Parallel()
+	b := setup(t, setupOpts{engine: engine.Config{Limits: engine.Limits{MaxSteps: 2}}})
+	b.beginTCC(t, "tcc-many", time.Minute, "flight", "hotel")
+	ctx := context.Background()
+	_, err := b.client.RegisterTCCBranch(ctx, &treatyv1.RegisterTCCBranchRequest{Gid: "tcc-many", Branch: b.tccBranch("car")})
+	require.Equal(t, codes.InvalidArgument, status.Code(err))
+	require.Contains(t, status.Convert(err).Message(), "branch: ")
+	require.Contains(t, status.Convert(err).Message(), "2 (--max-steps)")
+	res, err := b.client.RegisterTCCBranch(ctx, &treatyv1.RegisterTCCBranchRequest{Gid: "tcc-many", Branch: b.tccBranch("hotel")})
+	require.NoError(t, err, "a repeated registration at the bound is still recognised")
+	require.True(t, res.Existing)
+	got, err := b.client.CommitTCC(ctx, &treatyv1.CommitTCCRequest{Gid: "tcc-many", Wait: durationpb.New(30 * time.Second)})
+	require.NoError(t, err)
+	require.Equal(t, treatyv1.Status_STATUS_SUCCEEDED, got.Transaction.Status)
+	require.ElementsMatch(t, []string{"confirm:flight", "confirm:hotel"}, ops(b.part, "tcc-many"), "the refused branch was never registered")
 }

@@ -147,6 +147,9 @@ func (e *Engine) RegisterTCCBranch(ctx context.Context, gid string, b *treatyv1.
 			{Branch: b.Name, Op: string(tcc.OpCancel), Status: string(saga.StatusPending), Spec: raw},
 		},
 		Events: []store.Event{{Kind: "branch_registered", Branch: b.Name, Op: string(tcc.OpTry)}},
+		// A TCC holds at most --max-steps branches (a confirm and a cancel row each): a commit
+		// loads all of them, so their number is bounded like a saga's steps.
+		MaxRows: 2 * e.cfg.Limits.MaxSteps,
 	})
 	if errors.Is(err, store.ErrNotFound) {
 		return false, fmt.Errorf("gid %q: %w", gid, ErrNotFound)
@@ -162,6 +165,9 @@ func (e *Engine) RegisterTCCBranch(ctx context.Context, gid string, b *treatyv1.
 		return false, fmt.Errorf("gid %q: cannot register branch %q: the transaction is %s%s: %w", gid, b.Name, t.Status, e.why(t), ErrFailedPrecondition)
 	}
 	prev, existed := res.Existing[b.Name]
+	if !existed && res.Full {
+		return false, invalid("branch", "gid %q has the most branches a TCC may have, %d (--max-steps); nothing was registered", gid, e.cfg.Limits.MaxSteps)
+	}
 	if existed && !bytes.Equal(prev, raw) {
 		return false, fmt.Errorf("gid %q: branch %q: %w with a different spec", gid, b.Name, ErrAlreadyExists)
 	}

@@ -171,6 +171,9 @@ type RegisterParams struct {
 	// by the branches already registered.
 	Branches []Branch
 	Events   []Event
+	// MaxRows bounds the transaction's branch rows: when the rows already there plus Branches
+	// would be more, nothing is added (RegisterResult.Full). 0 = no bound.
+	MaxRows int
 }
 
 // RegisterResult says whether the transaction was open and which branches already existed.
@@ -182,6 +185,8 @@ type RegisterResult struct {
 	// Existing holds the stored spec of each given branch (by name) that was registered before
 	// this call; those rows were left unchanged.
 	Existing map[string][]byte
+	// Full: MaxRows would have been passed, so no branch and no event was added.
+	Full bool
 }
 
 // TransitionParams moves an unleased transaction to a new status and leases it to Owner.

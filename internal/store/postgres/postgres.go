@@ -689,12 +689,15 @@ const registerSQL = `
 WITH t AS (
     SELECT ` + txColumns + ` FROM treaty_transactions
     WHERE gid = $1 AND status = ANY($2) AND lease_owner IS NULL AND deadline > now()
+), f AS (
+    SELECT $12::int > 0 AND (SELECT count(*) FROM treaty_branches WHERE gid = $1) + cardinality($3::text[]) > $12 AS is_full
 ), b AS (
     INSERT INTO treaty_branches (gid, branch, op, position, status, spec)
     SELECT t.gid, x.branch, x.op,
            (SELECT coalesce(max(position) + 1, 0) FROM treaty_branches WHERE gid = $1) + x.rel,
            x.status, x.spec
     FROM t, unnest($3::text[], $4::text[], $5::text[], $6::bytea[], $11::int[]) AS x(branch, op, status, spec, rel)
+    WHERE NOT (SELECT is_full FROM f)
     ON CONFLICT (gid, branch, op) DO NOTHING
     RETURNING branch
 ), e AS (
@@ -704,7 +707,7 @@ WITH t AS (
     WHERE x.branch = '' OR x.branch IN (SELECT branch FROM b)
     ORDER BY x.n
 )
-SELECT t.*, coalesce((SELECT array_agg(DISTINCT branch) FROM b), '{}') FROM t`
+SELECT t.*, coalesce((SELECT array_agg(DISTINCT branch) FROM b), '{}'), (SELECT is_full FROM f) FROM t`
 
 // RegisterBranches implements store.Store.
 func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (store.RegisterResult, error) {
@@ -717,14 +720,15 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 	}
 	ek, eb, eo, ed := eventArrays(p.Events)
 	var inserted []string
+	var full bool
 	batch := &pgx.Batch{}
 	batch.Queue(registerLockSQL, p.GID)
-	batch.Queue(registerSQL, p.GID, p.Statuses, names, ops, status, branchSpecs(p.Branches), ek, eb, eo, ed, rel)
+	batch.Queue(registerSQL, p.GID, p.Statuses, names, ops, status, branchSpecs(p.Branches), ek, eb, eo, ed, rel, p.MaxRows)
 	br := s.pool.SendBatch(ctx, batch)
 	_, err := br.Exec()
 	var t store.Transaction
 	if err == nil {
-		t, err = scanTxAnd(br.QueryRow(), &inserted)
+		t, err = scanTxAnd(br.QueryRow(), &inserted, &full)
 	}
 	if cerr := br.Close(); err == nil && cerr != nil {
 		err = cerr
@@ -740,7 +744,7 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 	if err != nil {
 		return store.RegisterResult{}, fmt.Errorf("register branches of %q: %w", p.GID, err)
 	}
-	res := store.RegisterResult{Open: true, Transaction: t, Existing: map[string][]byte{}}
+	res := store.RegisterResult{Open: true, Transaction: t, Existing: map[string][]byte{}, Full: full}
 	// Rows that were there before keep their spec; report it so the caller can compare. Only
 	// a repeated registration pays for this read.
 	isNew := map[string]bool{}

@@ -600,8 +600,16 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 		if err := tx.QueryRowContext(ctx, `SELECT coalesce(max(position) + 1, 0) FROM treaty_branches WHERE gid = ?`, p.GID).Scan(&base); err != nil {
 			return fmt.Errorf("register branches of %q: %w", p.GID, err)
 		}
+		var rows int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM treaty_branches WHERE gid = ?`, p.GID).Scan(&rows); err != nil {
+			return fmt.Errorf("register branches of %q: %w", p.GID, err)
+		}
+		full := p.MaxRows > 0 && rows+len(p.Branches) > p.MaxRows
 		isNew := map[string]bool{}
 		for _, b := range p.Branches {
+			if full {
+				break
+			}
 			r, err := tx.ExecContext(ctx, registerBranchSQL, p.GID, b.Branch, b.Op, base+b.Position, b.Status, nullBytes(b.Spec), micros(at))
 			if err != nil {
 				return fmt.Errorf("register branches of %q: branch %s/%s: %w", p.GID, b.Branch, b.Op, err)
@@ -616,7 +624,7 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 		// registration leaves the history as it was.
 		var es []store.Event
 		for _, e := range p.Events {
-			if e.Branch == "" || isNew[e.Branch] {
+			if !full && (e.Branch == "" || isNew[e.Branch]) {
 				es = append(es, e)
 			}
 		}
@@ -631,7 +639,7 @@ func (s *Store) RegisterBranches(ctx context.Context, p store.RegisterParams) (s
 		if err != nil {
 			return err
 		}
-		res = store.RegisterResult{Open: true, Transaction: t, Existing: map[string][]byte{}}
+		res = store.RegisterResult{Open: true, Transaction: t, Existing: map[string][]byte{}, Full: full}
 		// Rows that were there before keep their spec; report it so the caller can compare.
 		for _, b := range bs {
 			if isNew[b.Branch] {

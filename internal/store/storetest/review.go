@@ -125,3 +125,28 @@ func testOperatorQueue(t *testing.T, s store.Store) {
 	require.Len(t, qs, 1)
 	require.Equal(t, second.ID, qs[0].ID)
 }
+
+// testRegisterMaxRows: past MaxRows nothing is added, not even an event, and a branch already
+// there is still reported as existing.
+func testRegisterMaxRows(t *testing.T, s store.Store) {
+	tx := create(t, s, openParams("register-max-rows", time.Hour))
+	reg := func(name string) store.RegisterResult {
+		res, err := s.RegisterBranches(t.Context(), store.RegisterParams{GID: tx.GID, Statuses: []string{"trying"},
+			Branches: pair(name, 0, []byte(name)), Events: []store.Event{registered(name)}, MaxRows: 4})
+		require.NoError(t, err)
+		require.True(t, res.Open)
+		return res
+	}
+	require.False(t, reg("a").Full)
+	require.False(t, reg("b").Full)
+	before := len(events(t, s, tx.GID))
+	res := reg("c")
+	require.True(t, res.Full)
+	require.NotContains(t, res.Existing, "c")
+	_, bs := get(t, s, tx.GID)
+	require.Len(t, bs, 4, "c was not added")
+	require.Len(t, events(t, s, tx.GID), before, "nor its event")
+	res = reg("a")
+	require.Contains(t, res.Existing, "a", "a repeated registration is still recognised at the bound")
+	require.Equal(t, []byte("a"), res.Existing["a"])
+}

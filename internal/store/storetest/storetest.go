@@ -91,6 +91,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Reconcile/FindsAndRedrives", testReconcile},
 		{"DeleteFinished/OnlyFinishedInBatches", testDeleteFinished},
 		{"OperatorQueue/QueueListDelete", testOperatorQueue},
+		{"RegisterBranches/MaxRows", testRegisterMaxRows},
 		{"Now/IsTheLeaseClock", testNow},
 		{"Faults/CreateListDeleteFire", testFaults},
 		{"Faults/MaxCountAcrossConcurrentReplicas", testFaultsMaxCountConcurrent},
