@@ -24,6 +24,10 @@ func openSQLite(t *testing.T) *sql.DB {
 	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_txlock=immediate")
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = db.Close() })
+	// The first connection turns the new file to WAL, which takes an exclusive lock that the
+	// busy timeout does not cover: connections opening at that instant fail SQLITE_BUSY. One
+	// connection first, as a service opens its database before starting its workers.
+	require.NoError(t, db.Ping())
 	return db
 }
 
