@@ -22,35 +22,14 @@ func TestOperatorActionOnAnotherReplicaIsQueuedAndApplied(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	// Replica A drives a saga whose second step waits out a long backoff (its lease renewed).
-	a := setup(t, setupOpts{script: func(_ context.Context, c testparticipant.Call) error {
-		if c.Branch == "slow" && c.Op == "action" {
-			return status.Error(codes.Unavailable, "down for maintenance")
-		}
-		return nil
-	}})
-	slow := a.step("slow", "first")
-	slow.Retry = &treatyv1.RetryPolicy{MaxAttempts: 100, InitialBackoff: durationpb.New(time.Hour), MaxBackoff: durationpb.New(time.Hour)}
-	_, err := a.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: "queued-op",
-		Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{a.step("first"), slow}}})
-	require.NoError(t, err)
-	waitUntil(t, "the slow step failed once and waits", func() bool {
-		var n int
-		require.NoError(t, a.pool.QueryRow(ctx, `SELECT attempts FROM treaty_branches WHERE gid = 'queued-op' AND branch = 'slow' AND op = 'action'`).Scan(&n))
-		return n == 1
-	})
+	a := setup(t, setupOpts{script: slowIsDown})
+	heldSaga(t, a, "queued-op")
 	_, owner := a.epoch(t, "queued-op")
 	require.Equal(t, a.app.Engine.Owner(), owner)
 
 	// Replica B, same database, is asked to roll it back.
-	bApp, err := app.Start(ctx, app.Config{DB: a.db, Listen: "127.0.0.1:0", Logger: testLogger(t),
-		Engine: engine.Config{Lease: 3 * time.Second, RecoveryInterval: 100 * time.Millisecond}})
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		require.NoError(t, bApp.Stop(sctx))
-	})
-	_, err = bApp.Engine.Operate(ctx, engine.Operation{GID: "queued-op", Action: engine.ActionRollback, Actor: "alice", Reason: "maintenance runs all day"})
+	bApp := secondReplica(t, a)
+	_, err := bApp.Engine.Operate(ctx, engine.Operation{GID: "queued-op", Action: engine.ActionRollback, Actor: "alice", Reason: "maintenance runs all day"})
 	require.ErrorIs(t, err, engine.ErrQueued)
 	require.Contains(t, err.Error(), owner, "it says which replica applies it")
 
@@ -69,4 +48,43 @@ func TestOperatorActionOnAnotherReplicaIsQueuedAndApplied(t *testing.T) {
 		require.NoError(t, a.pool.QueryRow(ctx, `SELECT count(*) FROM treaty_operator_queue`).Scan(&n))
 		return n == 0
 	})
+}
+
+// slowIsDown fails the "slow" step's action as a participant down for maintenance would.
+func slowIsDown(_ context.Context, c testparticipant.Call) error {
+	if c.Branch == "slow" && c.Op == "action" {
+		return status.Error(codes.Unavailable, "down for maintenance")
+	}
+	return nil
+}
+
+// heldSaga submits gid through a, a saga whose "slow" step fails once and then waits an hour
+// for its next attempt: a keeps driving it (its lease renewed) without calling anyone.
+func heldSaga(t *testing.T, a *bundle, gid string) {
+	t.Helper()
+	ctx := context.Background()
+	slow := a.step("slow", "first")
+	slow.Retry = &treatyv1.RetryPolicy{MaxAttempts: 100, InitialBackoff: durationpb.New(time.Hour), MaxBackoff: durationpb.New(time.Hour)}
+	_, err := a.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: gid,
+		Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{a.step("first"), slow}}})
+	require.NoError(t, err)
+	waitUntil(t, "the slow step failed once and waits", func() bool {
+		var n int
+		require.NoError(t, a.pool.QueryRow(ctx, `SELECT attempts FROM treaty_branches WHERE gid = $1 AND branch = 'slow' AND op = 'action'`, gid).Scan(&n))
+		return n == 1
+	})
+}
+
+// secondReplica starts another coordinator on a's database, stopped when the test ends.
+func secondReplica(t *testing.T, a *bundle) *app.App {
+	t.Helper()
+	b, err := app.Start(context.Background(), app.Config{DB: a.db, Listen: "127.0.0.1:0", Logger: testLogger(t),
+		Engine: engine.Config{Lease: 3 * time.Second, RecoveryInterval: 100 * time.Millisecond}})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		require.NoError(t, b.Stop(ctx))
+	})
+	return b
 }

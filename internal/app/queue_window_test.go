@@ -12,7 +12,6 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
-	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
@@ -22,31 +21,10 @@ import (
 func TestQueuedActionAppliedOnAFullReplica(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	a := setup(t, setupOpts{engine: engine.Config{MaxActive: 1}, script: func(_ context.Context, c testparticipant.Call) error {
-		if c.Branch == "slow" && c.Op == "action" {
-			return status.Error(codes.Unavailable, "down for maintenance")
-		}
-		return nil
-	}})
-	slow := a.step("slow", "first")
-	slow.Retry = &treatyv1.RetryPolicy{MaxAttempts: 100, InitialBackoff: durationpb.New(time.Hour), MaxBackoff: durationpb.New(time.Hour)}
-	_, err := a.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: "full-queued",
-		Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{a.step("first"), slow}}})
-	require.NoError(t, err)
-	waitUntil(t, "the slow step failed once and waits", func() bool {
-		var n int
-		require.NoError(t, a.pool.QueryRow(ctx, `SELECT attempts FROM treaty_branches WHERE gid = 'full-queued' AND branch = 'slow' AND op = 'action'`).Scan(&n))
-		return n == 1
-	})
-	b, err := app.Start(ctx, app.Config{DB: a.db, Listen: "127.0.0.1:0", Logger: testLogger(t),
-		Engine: engine.Config{Lease: 3 * time.Second, RecoveryInterval: 100 * time.Millisecond}})
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		require.NoError(t, b.Stop(sctx))
-	})
-	_, err = b.Engine.Operate(ctx, engine.Operation{GID: "full-queued", Action: engine.ActionRollback, Actor: "alice", Reason: "maintenance runs all day"})
+	a := setup(t, setupOpts{engine: engine.Config{MaxActive: 1}, script: slowIsDown})
+	heldSaga(t, a, "full-queued")
+	b := secondReplica(t, a)
+	_, err := b.Engine.Operate(ctx, engine.Operation{GID: "full-queued", Action: engine.ActionRollback, Actor: "alice", Reason: "maintenance runs all day"})
 	require.ErrorIs(t, err, engine.ErrQueued)
 	waitUntil(t, "the full replica applies the queued rollback", func() bool {
 		got, err := a.client.GetTransaction(ctx, &treatyv1.GetTransactionRequest{Gid: "full-queued"})
