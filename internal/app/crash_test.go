@@ -40,7 +40,9 @@ func countCalls(p *testparticipant.Participant, gid string) map[string]int {
 
 // TestCrashRecovery kills a real coordinator process with SIGKILL at named points of a saga's
 // life, starts a second one on the same database, and checks that it finishes the saga, that
-// the outcome is consistent, and that only the call in flight at the crash was repeated.
+// the outcome is consistent, and that only the call in flight at the crash was repeated. The
+// first coordinator records every result before the next call (--lazy-progress 0);
+// TestCrashRecoveryLazyProgress covers the default.
 func TestCrashRecovery(t *testing.T) {
 	t.Parallel()
 	steps := []string{"s0", "s1", "s2"}
@@ -85,7 +87,7 @@ func TestCrashRecovery(t *testing.T) {
 			require.NoError(t, err)
 			t.Cleanup(part.Stop)
 
-			first := startProc(t, db, "TREATY_CRASH_AT="+tc.crashAt, "TREATY_LEASE=1s")
+			first := startProc(t, db, "TREATY_CRASH_AT="+tc.crashAt, "TREATY_LEASE=1s", "TREATY_LAZY_PROGRESS=0")
 			gid := "crash-" + tc.crashAt
 			// The submit call itself may die with the process; the saga is durable either way.
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -123,7 +125,7 @@ func TestCrashRecoveryManySagas(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(part.Stop)
 
-	first := startProc(t, db, "TREATY_CRASH_AT=after-record:40", "TREATY_LEASE=1s")
+	first := startProc(t, db, "TREATY_CRASH_AT=after-record:40", "TREATY_LEASE=1s", "TREATY_LAZY_PROGRESS=0")
 	const n = 30
 	for i := range n {
 		go func() {
@@ -161,5 +163,60 @@ func TestCrashRecoveryManySagas(t *testing.T) {
 			require.GreaterOrEqual(t, calls["action:"+s], 1, gid)
 			require.GreaterOrEqual(t, calls["compensate:"+s], 1, "%s: %s ran but was not compensated", gid, s)
 		}
+	}
+}
+
+// TestCrashRecoveryLazyProgress crashes a coordinator that records a saga's forward progress
+// lazily (--lazy-progress, long enough here that the three steps fit in it): a crash before the
+// saga's one write after its creation repeats the calls that had answered, and nothing else;
+// a crash right after that write repeats nothing, because that write carried every result and
+// the outcome.
+func TestCrashRecoveryLazyProgress(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		crashAt string
+		calls   map[string]int
+	}{
+		// s0 and s1 answered, unrecorded: both run again; s2 once (it was never called).
+		{crashAt: "after-call:2", calls: map[string]int{"action:s0": 2, "action:s1": 2, "action:s2": 1}},
+		// The first record after the creation is the saga's last: all three results in it.
+		{crashAt: "after-record:1", calls: map[string]int{"action:s0": 1, "action:s1": 1, "action:s2": 1}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.crashAt, func(t *testing.T) {
+			t.Parallel()
+			db := pgtest.NewDatabase(t)
+			migrateDB(t, db)
+			part, err := testparticipant.Start(testparticipant.Options{})
+			require.NoError(t, err)
+			t.Cleanup(part.Stop)
+
+			first := startProc(t, db, "TREATY_CRASH_AT="+tc.crashAt, "TREATY_LEASE=1s", "TREATY_LAZY_PROGRESS=1m")
+			gid := "lazy-" + tc.crashAt
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_, _ = first.client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{
+				Gid: gid, Saga: &treatyv1.SagaSpec{Steps: crashSteps(part, "s0", "s1", "s2")}, Wait: durationpb.New(5 * time.Second),
+			})
+			cancel()
+			first.waitKilled(t)
+
+			second := startProc(t, db, "TREATY_LEASE=1s")
+			res, err := second.client.WaitTransaction(context.Background(), &treatyv1.WaitTransactionRequest{Gid: gid, Timeout: durationpb.New(30 * time.Second)})
+			require.NoError(t, err)
+			require.True(t, res.Terminal, "saga not finished after recovery: %v", res.Transaction)
+			require.Equal(t, treatyv1.Status_STATUS_SUCCEEDED, res.Transaction.Status)
+			require.Equal(t, tc.calls, countCalls(part, gid))
+			// The history dates each step when it answered, not when it was written.
+			var at []time.Time
+			for _, ev := range res.Transaction.Events {
+				if ev.Kind == "branch_succeeded" {
+					at = append(at, ev.At.AsTime())
+				}
+			}
+			require.NotEmpty(t, at)
+			for i := 1; i < len(at); i++ {
+				require.False(t, at[i].Before(at[i-1]), "history out of order: %v", at)
+			}
+		})
 	}
 }

@@ -57,6 +57,9 @@ type SagaConfig struct {
 	// CommitWorkers and CommitBatch tune the in-process coordinator's group commit; 0 = the
 	// engine's defaults.
 	CommitWorkers, CommitBatch int
+	// LazyProgress is the in-process coordinator's engine.Config.LazyProgress (0 = default,
+	// negative = every result recorded before the next call).
+	LazyProgress time.Duration
 	// CPUProfile, if set, receives a CPU profile of the measured phase (the whole process:
 	// clients, participants and, when in process, the coordinator).
 	CPUProfile string
@@ -368,7 +371,7 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 			a, err = app.Start(ctx, app.Config{
 				DB: sagaDB, DBMaxConns: cfg.DBMaxConns, Listen: cfg.Listen, Migrate: migrate, Logger: clog,
 				Store:  st,
-				Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch},
+				Engine: engine.Config{CommitWorkers: cfg.CommitWorkers, CommitBatch: cfg.CommitBatch, LazyProgress: cfg.LazyProgress},
 			})
 		})
 		if err != nil {
@@ -801,6 +804,7 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	fs.DurationVar(&cfg.Baseline, "baseline", 5*time.Second, "how long to measure the raw commit rate")
 	fs.IntVar(&cfg.Participants, "participants", 0, "no-op participant servers; step i calls server i mod N (default: one per step)")
 	fs.IntVar(&cfg.DBMaxConns, "db-max-conns", 0, "pool size of the in-process coordinator (default: the coordinator's, 16)")
+	fs.DurationVar(&cfg.LazyProgress, "lazy-progress", 0, "the in-process coordinator's --lazy-progress (0: its default; negative: record every result before the next call)")
 	fs.IntVar(&cfg.CommitWorkers, "commit-workers", 0, "group commits in flight at once in the in-process coordinator (default: the engine's)")
 	fs.IntVar(&cfg.CommitBatch, "commit-batch", 0, "most records per group commit in the in-process coordinator (default: the engine's)")
 	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured phase to this file")

@@ -153,6 +153,16 @@ type serveConfig struct {
 	maxEndpoints                                       int
 	autoMigrate                                        bool
 	allowFaults                                        bool
+	lazyProgress                                       time.Duration
+}
+
+// lazyProgress maps the flag (0 = off) onto engine.Config.LazyProgress (0 = default, negative
+// = off).
+func lazyProgress(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }
 
 func serve(ctx context.Context, args []string, env Env) error {
@@ -166,6 +176,10 @@ func serve(ctx context.Context, args []string, env Env) error {
 	retry := addRetryFlags(f)
 	f.String(&c.owner, "owner", "", "replica id used in leases (default host-pid-random)")
 	f.Duration(&c.lease, "lease", 10*time.Second, "how long a replica owns a transaction without renewing; a dead replica's work resumes elsewhere after this")
+	f.Duration(&c.lazyProgress, "lazy-progress", engine.DefaultLazyProgress, "how long a saga's finished forward steps may go unrecorded while its next steps are called:\n"+
+		"      a saga whose steps answer within it is written twice (created, finished). A turn back and an outcome\n"+
+		"      are always written before acting or answering; a crash repeats the unrecorded calls (0: record\n"+
+		"      every result before the next call)")
 	f.Duration(&c.recovery, "recovery-interval", time.Second, "how often to look for due work (retries, expired leases)")
 	f.Int(&c.claimBatch, "claim-batch", 64, "transactions claimed per recovery pass")
 	f.Int(&c.maxActive, "max-active", 10000, "transactions driven at once by this replica")
@@ -225,7 +239,7 @@ func serve(ctx context.Context, args []string, env Env) error {
 		AllowTargets:        targetpolicy.ParsePatterns(c.allowTargets),
 		Invoke:              invoke.Config{Breaker: breaker, MaxEndpoints: c.maxEndpoints},
 		Engine: engine.Config{
-			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch,
+			Owner: c.owner, Lease: c.lease, RecoveryInterval: c.recovery, ClaimBatch: c.claimBatch, LazyProgress: lazyProgress(c.lazyProgress),
 			MaxActive: c.maxActive, MaxActiveBytes: c.maxActiveBytes, OperatorThreshold: c.threshold, Retry: retryDefaults,
 			Limits:     engine.Limits{MaxSteps: c.maxSteps, MaxPayloadBytes: c.maxPayload},
 			CrashPoint: crash,

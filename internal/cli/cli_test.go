@@ -99,6 +99,7 @@ var serveFlags = []flagDoc{
 	{"listen", "TREATY_LISTEN", ":7600"},
 	{"owner", "TREATY_OWNER", ""},
 	{"lease", "TREATY_LEASE", "10s"},
+	{"lazy-progress", "TREATY_LAZY_PROGRESS", "200ms"},
 	{"recovery-interval", "TREATY_RECOVERY_INTERVAL", "1s"},
 	{"claim-batch", "TREATY_CLAIM_BATCH", "64"},
 	{"max-active", "TREATY_MAX_ACTIVE", "10000"},

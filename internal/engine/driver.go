@@ -143,8 +143,11 @@ func (d *driver) run() {
 	stopping := false
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	var pending []store.Event // results applied but not yet recorded
-	recorded := ""            // crash point to pass once the pending results are recorded
+	var pending []store.Event     // results applied but not yet recorded
+	var unrecordedSince time.Time // when the oldest of them was applied (zero: none)
+	recorded := ""                // crash point to pass once the pending results are recorded
+	flush := time.NewTimer(time.Hour)
+	defer flush.Stop()
 	for {
 		var calls []dispatch
 		var wake time.Time
@@ -159,16 +162,24 @@ func (d *driver) run() {
 		// not recorded) writes anyway: a live driver looks alive to the stuck-transaction job,
 		// a hung one does not. A finished state is always written, even with nothing new, so
 		// that a claim of a finished row ends with nothing due.
-		if len(pending) > 0 || (d.m.terminal() && !d.wroteOnce) || time.Since(d.lastWrite) > d.e.heartbeat() {
+		// Forward progress alone may wait (Config.LazyProgress): it is then written with the
+		// next result, decision or outcome, or when the window ends while calls run.
+		if len(pending) > 0 && unrecordedSince.IsZero() {
+			unrecordedSince = time.Now()
+		}
+		if len(pending) > 0 && d.mayDefer(calls, unrecordedSince, stopping) {
+			stampEvents(pending, d.e.now())
+		} else if len(pending) > 0 || (d.m.terminal() && !d.wroteOnce) || time.Since(d.lastWrite) > d.e.heartbeat() {
+			stampEvents(pending, d.e.now())
 			if !d.persist(pending) {
 				return
 			}
-			pending = pending[:0]
+			pending, unrecordedSince = pending[:0], time.Time{}
 			if recorded != "" {
 				d.e.cfg.CrashPoint(recorded)
 			}
+			recorded = ""
 		}
-		recorded = ""
 		if d.m.terminal() {
 			terminal = true
 			d.e.cfg.Observer.TransactionFinished(d.mode, outcomeLabel(d.m.status()))
@@ -192,10 +203,16 @@ func (d *driver) run() {
 			d.release()
 			return
 		}
-		var timerC <-chan time.Time
+		var timerC, flushC <-chan time.Time
 		if !wake.IsZero() && !stopping {
 			timer.Reset(max(0, wake.Sub(d.e.now())))
 			timerC = timer.C
+		}
+		if len(pending) > 0 {
+			// Calls are running with results still unrecorded: write them when the window
+			// ends even if no call has answered by then.
+			flush.Reset(max(0, time.Until(unrecordedSince.Add(d.e.cfg.LazyProgress))))
+			flushC = flush.C
 		}
 		apply := func(r callResult) {
 			inFlight--
@@ -245,6 +262,7 @@ func (d *driver) run() {
 				return // recorded without an owner; nobody drives it until unpaused
 			}
 		case <-timerC:
+		case <-flushC:
 		case <-stopCh:
 			stopping, stopCh = true, nil
 		case <-d.ctx.Done():
@@ -252,6 +270,36 @@ func (d *driver) run() {
 			return
 		}
 		timer.Stop()
+		flush.Stop()
+	}
+}
+
+// mayDefer says whether the results applied since unrecordedSince may stay unrecorded while
+// calls go out. Only a saga's forward progress may (../DESIGN.md: the transaction before the
+// first call, a decision to turn back before the first undo and the outcome before anyone is
+// told must be durable; every participant call is safe to repeat): not when the saga turned
+// back or finished, nor when nothing is to be called (a wait for a retry, where a write costs
+// no latency), nor past the window or the heartbeat.
+func (d *driver) mayDefer(calls []dispatch, unrecordedSince time.Time, stopping bool) bool {
+	if d.e.cfg.LazyProgress <= 0 || d.mode != "saga" || stopping || d.paused || len(calls) == 0 ||
+		d.m.terminal() || d.m.status() != string(saga.PhaseRunning) {
+		return false
+	}
+	for _, c := range calls {
+		if c.undo {
+			return false
+		}
+	}
+	return time.Since(unrecordedSince) < d.e.cfg.LazyProgress && time.Since(d.lastWrite) <= d.e.heartbeat()
+}
+
+// stampEvents dates events when they happen, not when they are written (a write may come a
+// lazy-progress window later).
+func stampEvents(evs []store.Event, now time.Time) {
+	for i := range evs {
+		if evs[i].At.IsZero() {
+			evs[i].At = now
+		}
 	}
 }
 

@@ -61,6 +61,13 @@ type Config struct {
 	CommitBatch int
 	// CommitWorkers is how many group commits may be in flight at once; default 4.
 	CommitWorkers int
+	// LazyProgress is how long a saga's forward results may stay unrecorded while its next
+	// steps are called: a saga whose steps answer within it is written twice (created,
+	// finished) instead of once per step. Only forward progress waits, never a decision to
+	// turn back or a final outcome (../DESIGN.md); a crash in the window repeats the calls
+	// whose results were not yet written, which participants must tolerate anyway. 0 =
+	// DefaultLazyProgress; negative = record every result before the next call.
+	LazyProgress time.Duration
 	// Limits bound requests.
 	Limits Limits
 	// Retry is the default retry policy of saga steps (see RetryDefaults).
@@ -109,6 +116,11 @@ func (noObserver) LeasesClaimed(int)                                {}
 func (noObserver) LeaseLost()                                       {}
 func (noObserver) GroupCommit(int)                                  {}
 
+// DefaultLazyProgress is Config.LazyProgress when unset: longer than a fast saga takes (so
+// that it is written created and finished, nothing between), short enough that a crash repeats
+// at most a fraction of a second of calls.
+const DefaultLazyProgress = 200 * time.Millisecond
+
 // Crash points passed to Config.CrashPoint.
 const (
 	CrashAfterCreate     = "after-create"      // the transaction row is written; no call made yet
@@ -152,6 +164,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.CommitBatch <= 0 {
 		c.CommitBatch = 256
+	}
+	if c.LazyProgress == 0 {
+		c.LazyProgress = DefaultLazyProgress
 	}
 	if c.CommitWorkers <= 0 {
 		c.CommitWorkers = 4

@@ -60,7 +60,8 @@ type Branch struct {
 
 // Event is one entry of a transaction's history.
 type Event struct {
-	ID     int64
+	ID int64
+	// At is when it happened; zero on a write means the time of the write.
 	At     time.Time
 	Kind   string
 	Branch string

@@ -152,9 +152,9 @@ WITH t AS (
         status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error,
         next_attempt_at = excluded.next_attempt_at, uncertain = excluded.uncertain, updated_at = excluded.updated_at
 ), e AS (
-    INSERT INTO treaty_events (gid, kind, branch, op, detail)
-    SELECT t.gid, x.kind, x.branch, x.op, x.detail
-    FROM t, unnest($14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
+    INSERT INTO treaty_events (gid, at, kind, branch, op, detail)
+    SELECT t.gid, coalesce(x.at, now()), x.kind, x.branch, x.op, x.detail
+    FROM t, unnest($14::text[], $15::text[], $16::text[], $17::text[], $21::timestamptz[]) WITH ORDINALITY AS x(kind, branch, op, detail, at, n)
     ORDER BY x.n
 )
 SELECT CASE WHEN count(*) = 1 THEN 1
@@ -183,7 +183,7 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 		ba, be, bt, bu := branchStateArrays(p.Branches)
 		ek, eb, eo, ed := eventArrays(p.Events)
 		batch.Queue(recordSQL, p.GID, p.Epoch, p.Status, p.Reason, p.Terminal, p.Lease,
-			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu, p.Paused, p.WriteID)
+			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu, p.Paused, p.WriteID, eventTimes(p.Events))
 	}
 	br := s.pool.SendBatch(ctx, batch)
 	out := make([]store.RecordResult, len(ps))
@@ -835,6 +835,17 @@ func branchStateArrays(bs []store.Branch) (attempts []int32, lastErrors []string
 		}
 	}
 	return
+}
+
+// eventTimes is each event's At, NULL (the time of the write) where it is zero.
+func eventTimes(es []store.Event) []*time.Time {
+	out := make([]*time.Time, len(es))
+	for i := range es {
+		if !es[i].At.IsZero() {
+			out[i] = &es[i].At
+		}
+	}
+	return out
 }
 
 func eventArrays(es []store.Event) (kinds, branches, ops, details []string) {

@@ -291,7 +291,11 @@ const insertEventSQL = `INSERT INTO treaty_events (gid, at, kind, branch, op, de
 
 func insertEvents(ctx context.Context, tx *sql.Tx, gid string, at time.Time, es []store.Event) error {
 	for _, e := range es {
-		if _, err := tx.ExecContext(ctx, insertEventSQL, gid, micros(at), e.Kind, e.Branch, e.Op, e.Detail); err != nil {
+		when := at
+		if !e.At.IsZero() {
+			when = e.At
+		}
+		if _, err := tx.ExecContext(ctx, insertEventSQL, gid, micros(when), e.Kind, e.Branch, e.Op, e.Detail); err != nil {
 			return fmt.Errorf("write event %q of %q: %w", e.Kind, gid, err)
 		}
 	}
