@@ -156,8 +156,9 @@ func (d *driver) run() {
 			calls, events, wake = d.m.advance(d.e.now())
 			pending = append(pending, events...)
 		}
-		// Results and decisions (turning back, finishing) are durable before anything depends
-		// on them: before the next call and before a caller is told. One write carries them all.
+		// Decisions (turning back, finishing) are durable before anything depends on them:
+		// before the next call and before a caller is told. One write carries them all, with
+		// the results before them.
 		// A driver that has written nothing for a while (calls refused by an open breaker are
 		// not recorded) writes anyway: a live driver looks alive to the stuck-transaction job,
 		// a hung one does not. A finished state is always written, even with nothing new, so
