@@ -80,19 +80,27 @@ func (s *Store) Reconcile(ctx context.Context, p store.ReconcileParams) (store.R
 	return r, nil
 }
 
-// deleteFinishedSQL deletes one small batch; SKIP LOCKED keeps it from waiting on anything, and
-// the cascade takes branches and events with their transaction.
+// deleteFinishedSQL deletes one small batch, with the transactions' branches and events (no
+// foreign key cascades: see migration 007); SKIP LOCKED keeps it from waiting on anything.
 const deleteFinishedSQL = `
-DELETE FROM treaty_transactions WHERE gid IN (
-    SELECT gid FROM treaty_transactions
-    WHERE next_attempt_at IS NULL AND NOT paused AND status = ANY($1) AND updated_at < now() - $2::interval
-    LIMIT $3 FOR UPDATE SKIP LOCKED)`
+WITH d AS (
+    DELETE FROM treaty_transactions WHERE gid IN (
+        SELECT gid FROM treaty_transactions
+        WHERE next_attempt_at IS NULL AND NOT paused AND status = ANY($1) AND updated_at < now() - $2::interval
+        LIMIT $3 FOR UPDATE SKIP LOCKED)
+    RETURNING gid
+), b AS (
+    DELETE FROM treaty_branches WHERE gid IN (SELECT gid FROM d)
+), e AS (
+    DELETE FROM treaty_events WHERE gid IN (SELECT gid FROM d)
+)
+SELECT count(*) FROM d`
 
 // DeleteFinished implements store.Store.
 func (s *Store) DeleteFinished(ctx context.Context, olderThan time.Duration, batch int) (int, error) {
-	tag, err := s.pool.Exec(ctx, deleteFinishedSQL, store.FinishedStatuses, olderThan, batch)
-	if err != nil {
+	var n int
+	if err := s.pool.QueryRow(ctx, deleteFinishedSQL, store.FinishedStatuses, olderThan, batch).Scan(&n); err != nil {
 		return 0, fmt.Errorf("delete finished transactions: %w", err)
 	}
-	return int(tag.RowsAffected()), nil
+	return n, nil
 }

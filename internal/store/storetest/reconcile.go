@@ -46,7 +46,8 @@ func testReconcile(t *testing.T, s store.Store) {
 func testDeleteFinished(t *testing.T, s store.Store) {
 	done := create(t, s, params("del-done", "owner", longLease))
 	record(t, s, store.RecordParams{GID: done.GID, Epoch: done.Epoch, Status: "succeeded", Terminal: true,
-		Events: []store.Event{{Kind: "succeeded"}}})
+		Branches: []store.Branch{{Branch: "flight", Op: "action", Position: 0, Status: "succeeded", Attempts: 1}},
+		Events:   []store.Event{{Kind: "succeeded"}}})
 	stuck := create(t, s, params("del-operator", "owner", longLease))
 	record(t, s, store.RecordParams{GID: stuck.GID, Epoch: stuck.Epoch, Status: "needs_operator", Terminal: true})
 	live := create(t, s, params("del-live", "owner", longLease))
@@ -62,6 +63,14 @@ func testDeleteFinished(t *testing.T, s store.Store) {
 	_, _, err = s.GetTransaction(t.Context(), done.GID)
 	require.True(t, errors.Is(err, store.ErrNotFound))
 	require.Empty(t, events(t, s, done.GID), "its history goes with it")
+	// Its branches went too: the gid can be used again and starts with nothing of the old one.
+	again := create(t, s, params("del-done", "owner", longLease))
+	_, bs := get(t, s, again.GID)
+	require.Len(t, bs, 4)
+	for _, b := range bs {
+		require.Equal(t, "pending", b.Status, "%s %s left over from the deleted transaction", b.Branch, b.Op)
+	}
+	require.Len(t, events(t, s, again.GID), 1, "only the new transaction's history")
 	get(t, s, stuck.GID)
 	get(t, s, live.GID)
 
