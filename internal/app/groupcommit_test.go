@@ -31,12 +31,12 @@ type lostReplyStore struct {
 	lost atomic.Int32
 }
 
-func (s *lostReplyStore) Record(ctx context.Context, ps []store.RecordParams) ([]store.RecordResult, error) {
-	res, err := s.Store.Record(ctx, ps)
+func (s *lostReplyStore) Commit(ctx context.Context, cs []store.CreateParams, ps []store.RecordParams) ([]store.CreateResult, []store.RecordResult, error) {
+	created, res, err := s.Store.Commit(ctx, cs, ps)
 	if err == nil && len(ps) > 1 && s.lost.Add(1) <= 3 {
-		return nil, errors.New("connection reset by peer (the commit happened)")
+		return nil, nil, errors.New("connection reset by peer (the commit happened)")
 	}
-	return res, err
+	return created, res, err
 }
 
 // After a group commit whose reply was lost, the committer writes each record again alone:

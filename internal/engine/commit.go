@@ -7,16 +7,43 @@ import (
 	"github.com/treatyhq/treaty/internal/store"
 )
 
-// recordReq is one fenced write waiting for a group commit.
+// recordReq is one fenced write, or one creation, waiting for a group commit.
 type recordReq struct {
-	p    store.RecordParams
-	sent time.Time // local clock when queued: the lease is measured from here
-	done chan recordResp
+	p      store.RecordParams
+	create *store.CreateParams // set: this is a creation, p is unused
+	sent   time.Time           // local clock when queued: the lease is measured from here
+	done   chan recordResp
 }
 
 type recordResp struct {
-	res store.RecordResult
-	err error
+	res     store.RecordResult
+	created store.CreateResult
+	err     error
+}
+
+// create queues a new transaction for the next group commit and waits for it: a creation
+// shares its commit with other creations and with the drivers' writes, and is durable before
+// create returns, so before any participant is called.
+func (e *Engine) create(ctx context.Context, p store.CreateParams) (store.CreateResult, error) {
+	if e.commitCtx == nil { // not started: no group commit to join
+		return e.cfg.Store.CreateTransaction(ctx, p)
+	}
+	req := &recordReq{create: &p, sent: time.Now(), done: make(chan recordResp, 1)}
+	select {
+	case e.commits <- req:
+	case <-ctx.Done():
+		return store.CreateResult{}, ctx.Err()
+	case <-e.commitCtx.Done():
+		return store.CreateResult{}, ErrStopping
+	}
+	select {
+	case r := <-req.done:
+		return r.created, r.err
+	case <-ctx.Done():
+		// The creation may still land, leased to this replica: recovery drives it once the
+		// lease ends, as after a crash.
+		return store.CreateResult{}, ctx.Err()
+	}
 }
 
 // record queues a write and waits for its group commit. Writes of many transactions share one
@@ -39,9 +66,8 @@ func (e *Engine) record(ctx context.Context, p store.RecordParams) (store.Record
 
 func (e *Engine) commitLoop(ctx context.Context) {
 	batch := make([]*recordReq, 0, e.cfg.CommitBatch)
-	params := make([]store.RecordParams, 0, e.cfg.CommitBatch)
 	for {
-		batch, params = batch[:0], params[:0]
+		batch = batch[:0]
 		select {
 		case <-ctx.Done():
 			return
@@ -57,32 +83,51 @@ func (e *Engine) commitLoop(ctx context.Context) {
 				break drain
 			}
 		}
-		// One gid may appear twice only if a driver queued twice, which it never does while
-		// waiting; keep the order anyway.
-		for _, r := range batch {
-			params = append(params, r.p)
-		}
-		e.cfg.Observer.GroupCommit(len(params))
-		res, err := e.cfg.Store.Record(ctx, params)
-		if err != nil && len(batch) > 1 && ctx.Err() == nil {
+		e.cfg.Observer.GroupCommit(len(batch))
+		if err := e.commitBatch(ctx, batch); err != nil && len(batch) > 1 && ctx.Err() == nil {
 			// The batch is one transaction: one bad write fails them all. Write them one by
 			// one so that only the bad one fails (and its driver retries or gives up alone).
 			for _, r := range batch {
-				one, err := e.cfg.Store.Record(ctx, []store.RecordParams{r.p})
-				if err != nil {
+				if err := e.commitBatch(ctx, []*recordReq{r}); err != nil {
 					r.done <- recordResp{err: err}
-					continue
 				}
-				r.done <- recordResp{res: one[0]}
 			}
 			continue
-		}
-		for i, r := range batch {
-			if err != nil {
+		} else if err != nil {
+			for _, r := range batch {
 				r.done <- recordResp{err: err}
-				continue
 			}
-			r.done <- recordResp{res: res[i]}
 		}
 	}
+}
+
+// commitBatch writes a batch in one commit and answers each request, unless it fails: then it
+// answers none and returns the error.
+func (e *Engine) commitBatch(ctx context.Context, batch []*recordReq) error {
+	// One gid may appear twice only if a driver queued twice, which it never does while
+	// waiting; keep the order anyway.
+	var cs []store.CreateParams
+	var ps []store.RecordParams
+	for _, r := range batch {
+		if r.create != nil {
+			cs = append(cs, *r.create)
+		} else {
+			ps = append(ps, r.p)
+		}
+	}
+	created, recorded, err := e.cfg.Store.Commit(ctx, cs, ps)
+	if err != nil {
+		return err
+	}
+	ci, ri := 0, 0
+	for _, r := range batch {
+		if r.create != nil {
+			r.done <- recordResp{created: created[ci]}
+			ci++
+		} else {
+			r.done <- recordResp{res: recorded[ri]}
+			ri++
+		}
+	}
+	return nil
 }

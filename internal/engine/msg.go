@@ -131,7 +131,7 @@ func (e *Engine) PrepareMsg(ctx context.Context, req *treatyv1.PrepareMsgRequest
 	for i, d := range plan.deliveries {
 		branches = append(branches, store.Branch{Branch: d.name, Op: string(msg.OpDeliver), Position: i + 1, Status: string(saga.StatusPending)})
 	}
-	res, err := e.cfg.Store.CreateTransaction(ctx, store.CreateParams{
+	res, err := e.create(ctx, store.CreateParams{
 		GID: gid, Mode: "msg", Status: string(msg.PhasePrepared), Spec: raw, SpecHash: hash, Timeout: plan.timeout,
 		Branches: branches,
 		Events:   []store.Event{{Kind: "prepared", Detail: fmt.Sprintf("message with %d deliveries, waiting %s for submit", len(plan.deliveries), plan.timeout)}},

@@ -57,7 +57,7 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 			store.Branch{Branch: st.name, Op: string(saga.OpCompensate), Position: i, Status: string(saga.StatusPending)})
 	}
 	sent := time.Now()
-	res, err := e.cfg.Store.CreateTransaction(ctx, store.CreateParams{
+	res, err := e.create(ctx, store.CreateParams{
 		GID: gid, Mode: "saga", Status: string(saga.PhaseRunning), Spec: raw, SpecHash: hash,
 		WorkflowName: workflow, WorkflowVersion: version,
 		Timeout: plan.timeout, Owner: e.cfg.Owner, Lease: e.cfg.Lease,

@@ -100,7 +100,7 @@ func (e *Engine) BeginTCC(ctx context.Context, gid string, timeout time.Duration
 	if err != nil {
 		return SubmitResult{}, err
 	}
-	res, err := e.cfg.Store.CreateTransaction(ctx, store.CreateParams{
+	res, err := e.create(ctx, store.CreateParams{
 		GID: gid, Mode: "tcc", Status: string(tcc.PhaseTrying), Spec: raw, SpecHash: hash, Timeout: timeout,
 		Events: []store.Event{{Kind: "begun", Detail: fmt.Sprintf("TCC, initiator has %s to decide", timeout)}},
 	})

@@ -119,7 +119,7 @@ func (e *Engine) SubmitTwoPhase(ctx context.Context, req *treatyv1.Submit2PCRequ
 		}
 	}
 	sent := time.Now()
-	res, err := e.cfg.Store.CreateTransaction(ctx, store.CreateParams{
+	res, err := e.create(ctx, store.CreateParams{
 		GID: gid, Mode: "2pc", Status: string(twopc.PhasePreparing), Spec: raw, SpecHash: hash,
 		Timeout: plan.timeout, Owner: e.cfg.Owner, Lease: e.cfg.Lease, Branches: branches,
 		Events: []store.Event{{Kind: "submitted", Detail: fmt.Sprintf("2PC with %d participants", len(plan.branches))}},

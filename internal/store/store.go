@@ -310,6 +310,9 @@ type Store interface {
 	Transition(ctx context.Context, p TransitionParams) (TransitionResult, error)
 	// Record applies fenced writes, all in one commit.
 	Record(ctx context.Context, ps []RecordParams) ([]RecordResult, error)
+	// Commit creates transactions (as CreateTransaction does, each result in the order of cs)
+	// and applies fenced writes (as Record), all in one commit: the group commit.
+	Commit(ctx context.Context, cs []CreateParams, ps []RecordParams) ([]CreateResult, []RecordResult, error)
 	// GetTransaction returns a transaction and its branches (ordered by position, op), or
 	// ErrNotFound.
 	GetTransaction(ctx context.Context, gid string) (Transaction, []Branch, error)

@@ -87,43 +87,20 @@ WITH t AS (
     FROM t, unnest($11::text[], $12::text[], $13::int[], $14::text[], $19::int[], $20::text[], $21::timestamptz[], $22::bool[], $23::bytea[])
         AS x(branch, op, position, status, attempts, last_error, next_at, uncertain, spec)
 ), e AS (
-    INSERT INTO treaty_events (gid, kind, branch, op, detail)
-    SELECT t.gid, x.kind, x.branch, x.op, x.detail
-    FROM t, unnest($15::text[], $16::text[], $17::text[], $18::text[]) WITH ORDINALITY AS x(kind, branch, op, detail, n)
+    INSERT INTO treaty_events (gid, at, kind, branch, op, detail)
+    SELECT t.gid, coalesce(x.at, now()), x.kind, x.branch, x.op, x.detail
+    FROM t, unnest($15::text[], $16::text[], $17::text[], $18::text[], $24::timestamptz[]) WITH ORDINALITY AS x(kind, branch, op, detail, at, n)
     ORDER BY x.n
 )
 SELECT created_at, updated_at, deadline, next_attempt_at, lease_expires_at FROM t`
 
 // CreateTransaction implements store.Store.
 func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (store.CreateResult, error) {
-	bn, bo, bp, bs := branchArrays(p.Branches)
-	ba, be, bt, bu := branchStateArrays(p.Branches)
-	ek, eb, eo, ed := eventArrays(p.Events)
-	t := store.Transaction{
-		GID: p.GID, Mode: p.Mode, Status: p.Status, Spec: p.Spec, SpecHash: p.SpecHash,
-		WorkflowName: p.WorkflowName, WorkflowVersion: p.WorkflowVersion,
-		LeaseOwner: p.Owner, Epoch: 1,
-	}
-	var leaseExp *time.Time
-	err := s.pool.QueryRow(ctx, createSQL,
-		p.GID, p.Mode, p.Status, p.Spec, p.SpecHash, p.WorkflowName, p.WorkflowVersion,
-		p.Timeout, p.Owner, p.Lease,
-		bn, bo, bp, bs, ek, eb, eo, ed, ba, be, bt, bu, branchSpecs(p.Branches),
-	).Scan(&t.CreatedAt, &t.UpdatedAt, &t.Deadline, &t.NextAttemptAt, &leaseExp)
-	if err == nil {
-		if leaseExp != nil {
-			t.LeaseExpiresAt = *leaseExp
-		}
-		return store.CreateResult{Created: true, Transaction: t}, nil
-	}
-	if !errors.Is(err, pgx.ErrNoRows) {
-		return store.CreateResult{}, fmt.Errorf("create transaction %q: %w", p.GID, err)
-	}
-	existing, _, err := s.GetTransaction(ctx, p.GID)
+	res, _, err := s.Commit(ctx, []store.CreateParams{p}, nil)
 	if err != nil {
 		return store.CreateResult{}, err
 	}
-	return store.CreateResult{Created: false, Transaction: existing}, nil
+	return res[0], nil
 }
 
 // recordSQL is one fenced write: the transaction row is updated only at the caller's epoch, and
@@ -165,20 +142,48 @@ SELECT CASE WHEN count(*) = 1 THEN 1
 
 // Record implements store.Store: all writes in one pipelined batch, one commit.
 func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.RecordResult, error) {
-	if len(ps) == 0 {
-		return nil, nil
+	_, res, err := s.Commit(ctx, nil, ps)
+	return res, err
+}
+
+// Commit implements store.Store: creations and fenced writes in one pipelined batch (pgx sends
+// it with a single Sync: one implicit transaction, one round trip, one commit).
+func (s *Store) Commit(ctx context.Context, cs []store.CreateParams, ps []store.RecordParams) ([]store.CreateResult, []store.RecordResult, error) {
+	if len(cs)+len(ps) == 0 {
+		return nil, nil, nil
 	}
 	// Write in gid order (bytewise, as COLLATE "C"), the order RenewLeases locks rows in: a
 	// group commit and a lease renewal that touch the same transactions then never wait for
 	// each other in a cycle (a deadlock costs deadlock_timeout, 1s by default, and fails both).
-	order := make([]int, len(ps))
-	for i := range order {
-		order[i] = i
+	// Creations are ordered with the rest: two batches creating the same gids (a client
+	// retrying) then wait for each other in one order.
+	type item struct {
+		gid    string
+		create bool
+		i      int
 	}
-	slices.SortStableFunc(order, func(a, b int) int { return strings.Compare(ps[a].GID, ps[b].GID) })
+	items := make([]item, 0, len(cs)+len(ps))
+	for i := range cs {
+		items = append(items, item{cs[i].GID, true, i})
+	}
+	for i := range ps {
+		items = append(items, item{ps[i].GID, false, i})
+	}
+	slices.SortStableFunc(items, func(a, b item) int { return strings.Compare(a.gid, b.gid) })
 	batch := &pgx.Batch{}
-	for _, i := range order {
-		p := ps[i]
+	for _, it := range items {
+		if it.create {
+			p := cs[it.i]
+			bn, bo, bp, bs := branchArrays(p.Branches)
+			ba, be, bt, bu := branchStateArrays(p.Branches)
+			ek, eb, eo, ed := eventArrays(p.Events)
+			batch.Queue(createSQL,
+				p.GID, p.Mode, p.Status, p.Spec, p.SpecHash, p.WorkflowName, p.WorkflowVersion,
+				p.Timeout, p.Owner, p.Lease,
+				bn, bo, bp, bs, ek, eb, eo, ed, ba, be, bt, bu, branchSpecs(p.Branches), eventTimes(p.Events))
+			continue
+		}
+		p := ps[it.i]
 		bn, bo, bpos, bs := branchArrays(p.Branches)
 		ba, be, bt, bu := branchStateArrays(p.Branches)
 		ek, eb, eo, ed := eventArrays(p.Events)
@@ -186,23 +191,55 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 			bn, bo, bpos, bs, ba, be, bt, ek, eb, eo, ed, bu, p.Paused, p.WriteID, eventTimes(p.Events))
 	}
 	br := s.pool.SendBatch(ctx, batch)
-	out := make([]store.RecordResult, len(ps))
-	for _, i := range order {
+	created := make([]store.CreateResult, len(cs))
+	recorded := make([]store.RecordResult, len(ps))
+	var taken []int // creations whose gid existed: nothing written, the stored row is reported
+	for _, it := range items {
+		if it.create {
+			p := cs[it.i]
+			t := store.Transaction{
+				GID: p.GID, Mode: p.Mode, Status: p.Status, Spec: p.Spec, SpecHash: p.SpecHash,
+				WorkflowName: p.WorkflowName, WorkflowVersion: p.WorkflowVersion,
+				LeaseOwner: p.Owner, Epoch: 1,
+			}
+			var leaseExp *time.Time
+			err := br.QueryRow().Scan(&t.CreatedAt, &t.UpdatedAt, &t.Deadline, &t.NextAttemptAt, &leaseExp)
+			if errors.Is(err, pgx.ErrNoRows) {
+				taken = append(taken, it.i)
+				continue
+			}
+			if err != nil {
+				_ = br.Close()
+				return nil, nil, fmt.Errorf("create transaction %q: %w", p.GID, err)
+			}
+			if leaseExp != nil {
+				t.LeaseExpiresAt = *leaseExp
+			}
+			created[it.i] = store.CreateResult{Created: true, Transaction: t}
+			continue
+		}
 		var n int64
 		var exp *time.Time
 		if err := br.QueryRow().Scan(&n, &exp); err != nil {
 			_ = br.Close()
-			return nil, fmt.Errorf("record %q: %w", ps[i].GID, err)
+			return nil, nil, fmt.Errorf("record %q: %w", ps[it.i].GID, err)
 		}
-		out[i].Owned = n == 1
+		recorded[it.i].Owned = n == 1
 		if exp != nil {
-			out[i].LeaseExpiresAt = *exp
+			recorded[it.i].LeaseExpiresAt = *exp
 		}
 	}
 	if err := br.Close(); err != nil {
-		return nil, fmt.Errorf("record batch: %w", err)
+		return nil, nil, fmt.Errorf("group commit: %w", err)
 	}
-	return out, nil
+	for _, i := range taken {
+		existing, _, err := s.GetTransaction(ctx, cs[i].GID)
+		if err != nil {
+			return nil, nil, err
+		}
+		created[i] = store.CreateResult{Created: false, Transaction: existing}
+	}
+	return created, recorded, nil
 }
 
 const txColumns = `gid, mode, status, spec, spec_hash, coalesce(workflow_name, ''), coalesce(workflow_version, 0),

@@ -316,44 +316,71 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (store.CreateResult, error) {
 	var res store.CreateResult
 	err := s.write(ctx, fmt.Sprintf("create transaction %q", p.GID), func(tx *sql.Tx, at time.Time) error {
-		deadline := at.Add(p.Timeout)
-		// Unleased: nobody drives it until its deadline, when recovery picks it up.
-		next, owner, lease := deadline, any(nil), any(nil)
-		if p.Owner != "" {
-			next, owner, lease = at.Add(p.Lease), p.Owner, micros(at.Add(p.Lease))
-		}
-		r, err := tx.ExecContext(ctx, createSQL,
-			p.GID, p.Mode, p.Status, notNullBytes(p.Spec), notNullBytes(p.SpecHash), p.WorkflowName, p.WorkflowVersion,
-			micros(at), micros(at), micros(deadline), micros(next), owner, lease)
-		if err != nil {
-			return fmt.Errorf("create transaction %q: %w", p.GID, err)
-		}
-		if n, err := r.RowsAffected(); err != nil || n == 0 {
-			if err != nil {
-				return fmt.Errorf("create transaction %q: %w", p.GID, err)
-			}
-			// The gid is taken: report the stored row, write nothing.
-			t, err := getTx(ctx, tx, p.GID)
-			res = store.CreateResult{Created: false, Transaction: t}
-			return err
-		}
-		for _, b := range p.Branches {
-			if _, err := tx.ExecContext(ctx, createBranchSQL, p.GID, b.Branch, b.Op, b.Position, b.Status, b.Attempts,
-				b.LastError, nullMicros(b.NextAttemptAt), boolInt(b.Uncertain), nullBytes(b.Spec), micros(at)); err != nil {
-				return fmt.Errorf("create transaction %q: branch %s/%s: %w", p.GID, b.Branch, b.Op, err)
-			}
-		}
-		if err := insertEvents(ctx, tx, p.GID, at, p.Events); err != nil {
-			return err
-		}
-		t, err := getTx(ctx, tx, p.GID)
-		res = store.CreateResult{Created: true, Transaction: t}
+		var err error
+		res, err = createIn(ctx, tx, at, p)
 		return err
 	})
 	if err != nil {
 		return store.CreateResult{}, err
 	}
 	return res, nil
+}
+
+// createIn creates one transaction inside tx.
+func createIn(ctx context.Context, tx *sql.Tx, at time.Time, p store.CreateParams) (store.CreateResult, error) {
+	deadline := at.Add(p.Timeout)
+	// Unleased: nobody drives it until its deadline, when recovery picks it up.
+	next, owner, lease := deadline, any(nil), any(nil)
+	if p.Owner != "" {
+		next, owner, lease = at.Add(p.Lease), p.Owner, micros(at.Add(p.Lease))
+	}
+	r, err := tx.ExecContext(ctx, createSQL,
+		p.GID, p.Mode, p.Status, notNullBytes(p.Spec), notNullBytes(p.SpecHash), p.WorkflowName, p.WorkflowVersion,
+		micros(at), micros(at), micros(deadline), micros(next), owner, lease)
+	if err != nil {
+		return store.CreateResult{}, fmt.Errorf("create transaction %q: %w", p.GID, err)
+	}
+	if n, err := r.RowsAffected(); err != nil || n == 0 {
+		if err != nil {
+			return store.CreateResult{}, fmt.Errorf("create transaction %q: %w", p.GID, err)
+		}
+		// The gid is taken: report the stored row, write nothing.
+		t, err := getTx(ctx, tx, p.GID)
+		return store.CreateResult{Created: false, Transaction: t}, err
+	}
+	for _, b := range p.Branches {
+		if _, err := tx.ExecContext(ctx, createBranchSQL, p.GID, b.Branch, b.Op, b.Position, b.Status, b.Attempts,
+			b.LastError, nullMicros(b.NextAttemptAt), boolInt(b.Uncertain), nullBytes(b.Spec), micros(at)); err != nil {
+			return store.CreateResult{}, fmt.Errorf("create transaction %q: branch %s/%s: %w", p.GID, b.Branch, b.Op, err)
+		}
+	}
+	if err := insertEvents(ctx, tx, p.GID, at, p.Events); err != nil {
+		return store.CreateResult{}, err
+	}
+	t, err := getTx(ctx, tx, p.GID)
+	return store.CreateResult{Created: true, Transaction: t}, err
+}
+
+// Commit implements store.Store: the creations and the writes in one transaction.
+func (s *Store) Commit(ctx context.Context, cs []store.CreateParams, ps []store.RecordParams) ([]store.CreateResult, []store.RecordResult, error) {
+	var created []store.CreateResult
+	var recorded []store.RecordResult
+	err := s.write(ctx, "group commit", func(tx *sql.Tx, at time.Time) error {
+		for _, c := range cs {
+			res, err := createIn(ctx, tx, at, c)
+			if err != nil {
+				return err
+			}
+			created = append(created, res)
+		}
+		var err error
+		recorded, err = recordIn(ctx, tx, at, ps)
+		return err
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return created, recorded, nil
 }
 
 // recordSQL never shortens a lease: a driver may hold a longer one for a long call.
@@ -378,45 +405,53 @@ func (s *Store) Record(ctx context.Context, ps []store.RecordParams) ([]store.Re
 	if len(ps) == 0 {
 		return nil, nil
 	}
-	out := make([]store.RecordResult, len(ps))
+	var out []store.RecordResult
 	err := s.write(ctx, "record", func(tx *sql.Tx, at time.Time) error {
-		for i, p := range ps {
-			var next any
-			if !p.Terminal {
-				next = micros(at.Add(p.Lease))
-			}
-			var exp sql.NullInt64
-			err := tx.QueryRowContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, p.Terminal, boolInt(p.Paused), p.GID, p.Epoch, p.WriteID).Scan(&exp)
-			if errors.Is(err, sql.ErrNoRows) {
-				if p.WriteID != 0 {
-					// Applied already (sent again after an error): owned, and nothing to repeat.
-					var n int
-					if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM treaty_transactions WHERE gid = ? AND epoch = ? AND last_write = ?`, p.GID, p.Epoch, p.WriteID).Scan(&n); err != nil {
-						return fmt.Errorf("record %q: %w", p.GID, err)
-					}
-					out[i].Owned = n == 1
-				}
-				continue // ownership lost (or no such gid): nothing of this write is applied
-			}
-			if err != nil {
-				return fmt.Errorf("record %q: %w", p.GID, err)
-			}
-			out[i].Owned = true
-			out[i].LeaseExpiresAt = fromNullMicros(exp)
-			for _, b := range p.Branches {
-				if _, err := tx.ExecContext(ctx, upsertBranchSQL, p.GID, b.Branch, b.Op, b.Position, b.Status, b.Attempts,
-					b.LastError, nullMicros(b.NextAttemptAt), boolInt(b.Uncertain), micros(at)); err != nil {
-					return fmt.Errorf("record %q: branch %s/%s: %w", p.GID, b.Branch, b.Op, err)
-				}
-			}
-			if err := insertEvents(ctx, tx, p.GID, at, p.Events); err != nil {
-				return fmt.Errorf("record %q: %w", p.GID, err)
-			}
-		}
-		return nil
+		var err error
+		out, err = recordIn(ctx, tx, at, ps)
+		return err
 	})
 	if err != nil {
 		return nil, err
+	}
+	return out, nil
+}
+
+// recordIn applies fenced writes inside tx.
+func recordIn(ctx context.Context, tx *sql.Tx, at time.Time, ps []store.RecordParams) ([]store.RecordResult, error) {
+	out := make([]store.RecordResult, len(ps))
+	for i, p := range ps {
+		var next any
+		if !p.Terminal {
+			next = micros(at.Add(p.Lease))
+		}
+		var exp sql.NullInt64
+		err := tx.QueryRowContext(ctx, recordSQL, p.Status, p.Reason, micros(at), next, p.Terminal, boolInt(p.Paused), p.GID, p.Epoch, p.WriteID).Scan(&exp)
+		if errors.Is(err, sql.ErrNoRows) {
+			if p.WriteID != 0 {
+				// Applied already (sent again after an error): owned, and nothing to repeat.
+				var n int
+				if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM treaty_transactions WHERE gid = ? AND epoch = ? AND last_write = ?`, p.GID, p.Epoch, p.WriteID).Scan(&n); err != nil {
+					return nil, fmt.Errorf("record %q: %w", p.GID, err)
+				}
+				out[i].Owned = n == 1
+			}
+			continue // ownership lost (or no such gid): nothing of this write is applied
+		}
+		if err != nil {
+			return nil, fmt.Errorf("record %q: %w", p.GID, err)
+		}
+		out[i].Owned = true
+		out[i].LeaseExpiresAt = fromNullMicros(exp)
+		for _, b := range p.Branches {
+			if _, err := tx.ExecContext(ctx, upsertBranchSQL, p.GID, b.Branch, b.Op, b.Position, b.Status, b.Attempts,
+				b.LastError, nullMicros(b.NextAttemptAt), boolInt(b.Uncertain), micros(at)); err != nil {
+				return nil, fmt.Errorf("record %q: branch %s/%s: %w", p.GID, b.Branch, b.Op, err)
+			}
+		}
+		if err := insertEvents(ctx, tx, p.GID, at, p.Events); err != nil {
+			return nil, fmt.Errorf("record %q: %w", p.GID, err)
+		}
 	}
 	return out, nil
 }

@@ -58,6 +58,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"Record/UnknownGIDIsNotOwned", testRecordUnknown},
 		{"Record/BatchAppliesAllButStale", testRecordBatch},
 		{"Record/EmptyBatch", testRecordEmpty},
+		{"Commit/CreatesAndRecordsInOne", testCommitCreatesAndRecords},
 		{"Record/TerminalEndsOwnership", testRecordTerminal},
 		{"Record/ShortLeaseBecomesClaimable", testRecordShortLease},
 		{"Record/SameWriteAgainIsIdempotent", testRecordAgainIsIdempotent},
