@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +25,7 @@ import (
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/gctune"
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/internal/store/postgres"
 	"github.com/treatyhq/treaty/internal/testparticipant"
@@ -57,6 +59,9 @@ type SagaConfig struct {
 	// CommitWorkers and CommitBatch tune the in-process coordinator's group commit; 0 = the
 	// engine's defaults.
 	CommitWorkers, CommitBatch int
+	// GCPercent is the process's collection target with the in-process coordinator, as
+	// `coordinator serve --gc-percent` (0 = its default, -1 = Go's default).
+	GCPercent int
 	// LazyProgress is the in-process coordinator's engine.Config.LazyProgress (0 = default,
 	// negative = every result recorded before the next call).
 	LazyProgress time.Duration
@@ -220,6 +225,11 @@ type SagaResult struct {
 	GoMaxProcs       int      `json:"gomaxprocs"`
 	NumCPU           int      `json:"num_cpu"`
 	GCCycles         uint32   `json:"gc_cycles"` // during the measured phase, this process
+	// GCPercent and MemoryLimitMiB are this process's collector settings: with the in-process
+	// coordinator, `coordinator serve`'s defaults (internal/gctune) unless GOGC/GOMEMLIMIT or
+	// --gc-percent say otherwise.
+	GCPercent      int   `json:"gc_percent"`
+	MemoryLimitMiB int64 `json:"memory_limit_mib"`
 	// AllocKBPerSaga is the heap this process allocated during the measured phase per saga
 	// (runtime.MemStats.TotalAlloc): all roles in it, the coordinator's too when in process. It
 	// hardly moves with the machine's load, so it shows an allocation saving where the rate is
@@ -285,7 +295,14 @@ func RunSaga(ctx context.Context, cfg SagaConfig) (res SagaResult, err error) {
 	if cfg.Coordinator != "" {
 		sagaDB = cfg.DB
 		res.Coordinator = cfg.Coordinator
+	} else {
+		// The process holds the coordinator: collect garbage as `coordinator serve` does.
+		gc := gctune.Apply(os.Getenv, gctune.Config{GCPercent: cfg.GCPercent, MaxActiveBytes: engine.DefaultMaxActiveBytes})
+		log.Info("garbage collector", "gc_percent", gc.GCPercent, "memory_limit_mib", gc.MemoryLimit>>20, "from", gc.Source)
 	}
+	res.GCPercent = debug.SetGCPercent(-1)
+	debug.SetGCPercent(res.GCPercent)
+	res.MemoryLimitMiB = debug.SetMemoryLimit(-1) >> 20
 	res.Database = DatabaseName(sagaDB)
 
 	// The ceiling, before any coordinator runs, at the same concurrency.
@@ -804,6 +821,7 @@ func SagaMain(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	fs.DurationVar(&cfg.Baseline, "baseline", 5*time.Second, "how long to measure the raw commit rate")
 	fs.IntVar(&cfg.Participants, "participants", 0, "no-op participant servers; step i calls server i mod N (default: one per step)")
 	fs.IntVar(&cfg.DBMaxConns, "db-max-conns", 0, "pool size of the in-process coordinator (default: the coordinator's, 16)")
+	fs.IntVar(&cfg.GCPercent, "gc-percent", 0, "with the in-process coordinator: the process's GC target, as coordinator serve --gc-percent (0: its default; -1: Go's; GOGC wins)")
 	fs.DurationVar(&cfg.LazyProgress, "lazy-progress", 0, "the in-process coordinator's --lazy-progress (0: its default; negative: record every result before the next call)")
 	fs.IntVar(&cfg.CommitWorkers, "commit-workers", 0, "group commits in flight at once in the in-process coordinator (default: the engine's)")
 	fs.IntVar(&cfg.CommitBatch, "commit-batch", 0, "most records per group commit in the in-process coordinator (default: the engine's)")

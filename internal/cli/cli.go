@@ -21,6 +21,7 @@ import (
 	"github.com/treatyhq/treaty/internal/admin"
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/gctune"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store/postgres"
 	"github.com/treatyhq/treaty/internal/targetpolicy"
@@ -154,6 +155,16 @@ type serveConfig struct {
 	autoMigrate                                        bool
 	allowFaults                                        bool
 	lazyProgress                                       time.Duration
+	gcPercent                                          int
+	memoryLimit                                        int64
+}
+
+// maxActiveBytes is the engine's payload budget for the flag's value (0: its default).
+func maxActiveBytes(n int64) int64 {
+	if n <= 0 {
+		return engine.DefaultMaxActiveBytes
+	}
+	return n
 }
 
 // lazyProgress maps the flag (0 = off) onto engine.Config.LazyProgress (0 = default, negative
@@ -191,6 +202,11 @@ func serve(ctx context.Context, args []string, env Env) error {
 	f.String(&c.allowTargets, "allow-targets", "", "participant addresses clients may name, comma-separated patterns: host[:port], *.domain, *:port,\n"+
 		"      CIDR[:port], IP, [IPv6]:port, * (empty: any). Link-local addresses (169.254.0.0/16, fe80::/10) and this\n"+
 		"      coordinator's own listen addresses are refused whatever the list (link-local unless an IP or CIDR pattern names them)")
+	f.Int(&c.gcPercent, "gc-percent", gctune.DefaultGCPercent, "Go garbage collection target (as GOGC): the heap may grow this many per cent over the live heap\n"+
+		"      before a collection, until --memory-limit is near (-1: Go's default, 100; GOGC in the environment wins)")
+	f.Int64(&c.memoryLimit, "memory-limit", 0, fmt.Sprintf("soft memory limit of the Go runtime in bytes, where the collector works harder (as GOMEMLIMIT;\n"+
+		"      0: %d × --max-active-bytes, at least %d MiB, at most 80%% of the container's memory limit;\n"+
+		"      -1: none; GOMEMLIMIT in the environment wins)", 3, gctune.MinMemoryLimit>>20))
 	f.Int(&c.maxSteps, "max-steps", engine.DefaultMaxSteps, "most steps in one saga")
 	f.Int(&c.maxEndpoints, "max-participant-endpoints", invoke.DefaultMaxEndpoints, "participant endpoints (address sets, each with a connection and a\n"+
 		"      circuit breaker) kept at once; past it a new one replaces one idle for a minute, or its call is retried later")
@@ -232,6 +248,8 @@ func serve(ctx context.Context, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
+	gc := gctune.Apply(env.Getenv, gctune.Config{GCPercent: c.gcPercent, MemoryLimit: c.memoryLimit, MaxActiveBytes: maxActiveBytes(c.maxActiveBytes)})
+	log.Info("garbage collector", "gc_percent", gc.GCPercent, "memory_limit_mib", gc.MemoryLimit>>20, "from", gc.Source)
 	a, err := app.Start(ctx, app.Config{
 		DB: c.db, DBMaxConns: c.dbConns, Listen: c.listen, HTTPListen: c.httpListen, Migrate: c.autoMigrate, Logger: log,
 		AdminTokens: tokens, GRPC: grpcSec, ParticipantTLS: participantTLS, MaxRequestBytes: c.maxRequest,

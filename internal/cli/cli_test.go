@@ -111,6 +111,8 @@ var serveFlags = []flagDoc{
 	{"max-active-bytes", "TREATY_MAX_ACTIVE_BYTES", "268435456"},
 	{"max-participant-endpoints", "TREATY_MAX_PARTICIPANT_ENDPOINTS", "1024"},
 	{"db-max-conns", "TREATY_DB_MAX_CONNS", "16"},
+	{"gc-percent", "TREATY_GC_PERCENT", "400"},
+	{"memory-limit", "TREATY_MEMORY_LIMIT", ""},
 	{"shutdown-timeout", "TREATY_SHUTDOWN_TIMEOUT", "30s"},
 	{"log-format", "TREATY_LOG_FORMAT", "text"},
 	{"log-level", "TREATY_LOG_LEVEL", "info"},
