@@ -25,6 +25,7 @@ import (
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/app"
 	"github.com/treatyhq/treaty/internal/engine"
+	"github.com/treatyhq/treaty/internal/gctune"
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
@@ -86,6 +87,8 @@ func MaybeRunMemoryChild() {
 		return
 	}
 	payload, _ := strconv.Atoi(os.Getenv(memoryChildEnv + "_PAYLOAD"))
+	// Collect garbage as `coordinator serve` does by default (GOGC/GOMEMLIMIT still win).
+	gctune.Apply(os.Getenv, gctune.Config{MaxActiveBytes: engine.DefaultMaxActiveBytes})
 	a, err := app.Start(context.Background(), app.Config{DB: db, Listen: "127.0.0.1:0", Migrate: true,
 		MaxRequestBytes: app.MaxRequestBytesCeiling,
 		Engine:          engine.Config{MaxActiveBytes: 1 << 40, Limits: engine.Limits{MaxPayloadBytes: max(payload, engine.DefaultMaxPayloadBytes)}}})
