@@ -557,22 +557,38 @@ func (i *Invoker) newEndpoint(key string, addrs []string) (*endpoint, error) {
 // that is still down fails in about a second (within the call's own timeout).
 const redialWait = time.Second
 
-// redialIfFailing makes a call that finds its connection in TRANSIENT_FAILURE dial again at once
-// and wait up to redialWait for it. Without this the call would fail straight away with the last
-// dial error until the reconnect backoff ends, although the participant may be back already.
-// If the connection is not ready by then, the call goes on and fails with the newest error.
+// redialIfFailing makes a call that finds its connection not ready dial at once and wait up to
+// redialWait for it. Without this the call would fail straight away with the last dial error
+// until the reconnect backoff ends, although the participant may be back already. The channel's
+// state says little about what its dialer is doing: TRANSIENT_FAILURE is sticky until a dial
+// succeeds, so a dial that began before the participant came back and fails after it changes
+// nothing a watcher could see (CI saw such a call fail with "connection refused" after the
+// participant was listening). So the call asks for a connection and, until it is READY, resets
+// the backoff every redialPoll: a fresh dial at most that often per call (a reset is a no-op
+// while a dial is under way). If the connection is not ready by then, the call goes on and fails
+// with the newest error.
 func (ep *endpoint) redialIfFailing(ctx context.Context) {
 	state := ep.conn.GetState()
-	if state != connectivity.TransientFailure {
-		return // ready, or connecting (a call waits for that by itself), or idle (a call dials)
+	if state == connectivity.Ready || state == connectivity.Shutdown {
+		return // the hot path
 	}
-	ep.conn.ResetConnectBackoff()
 	ctx, cancel := context.WithTimeout(ctx, redialWait)
 	defer cancel()
-	for state != connectivity.Ready && ep.conn.WaitForStateChange(ctx, state) {
+	ep.conn.Connect() // leaves IDLE; no-op otherwise
+	for state != connectivity.Ready && state != connectivity.Shutdown {
+		ep.conn.ResetConnectBackoff()
+		poll, stop := context.WithTimeout(ctx, redialPoll)
+		ep.conn.WaitForStateChange(poll, state)
+		stop()
+		if ctx.Err() != nil {
+			return
+		}
 		state = ep.conn.GetState()
 	}
 }
+
+// redialPoll is how often a waiting call asks for a fresh dial (see redialIfFailing).
+const redialPoll = 100 * time.Millisecond
 
 // Breaker verdicts: a nil error counts as a success.
 var (

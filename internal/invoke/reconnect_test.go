@@ -3,6 +3,7 @@ package invoke_test
 import (
 	"context"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -67,6 +68,49 @@ func TestCallReachesAParticipantThatIsBack(t *testing.T) {
 	serveAt(t, addr, echo)
 	res := inv.Call(t.Context(), invoke.Request{Target: target, Payload: []byte("hi"), Timeout: 10 * time.Second})
 	require.Equal(t, invoke.OK, res.Outcome, "the first call after its return reaches it: %v", res.Err)
+	require.Equal(t, []byte("hi"), res.Response)
+}
+
+// A dial that began while the participant was down and fails after it is back does not fail the
+// next call: the call keeps asking for fresh dials until one succeeds. CI once saw the call in
+// TestCallReachesAParticipantThatIsBack fail at once with "connection refused" although the
+// participant was listening. The dialer here holds one refused dial until the participant
+// listens, so the call starts while a doomed dial is under way.
+func TestCallRedialsWhenADialFromBeforeTheReturnFails(t *testing.T) {
+	t.Parallel()
+	addr := freeAddr(t)
+	var hold atomic.Bool
+	held := make(chan struct{})    // a dial is being held
+	release := make(chan struct{}) // let it return its (stale) error
+	dialer := func(ctx context.Context, a string) (net.Conn, error) {
+		conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", a)
+		if err != nil && hold.CompareAndSwap(true, false) {
+			close(held)
+			<-release
+		}
+		return conn, err
+	}
+	inv := newInvoker(t, invoke.Config{
+		Breaker:     invoke.BreakerConfig{FailureThreshold: 1000},
+		DialOptions: []grpc.DialOption{grpc.WithContextDialer(dialer)},
+	})
+	target := "grpc://" + addr + "/p.S/M"
+	res := inv.Call(t.Context(), invoke.Request{Target: target, Timeout: 10 * time.Second})
+	require.Equal(t, codes.Unavailable, res.Code)
+
+	hold.Store(true) // the reconnect after the backoff is refused and held
+	select {
+	case <-held:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no reconnect attempt within 30s")
+	}
+	serveAt(t, addr, echo)
+	go func() {
+		time.Sleep(200 * time.Millisecond) // let the call find the connection CONNECTING
+		close(release)
+	}()
+	res = inv.Call(t.Context(), invoke.Request{Target: target, Payload: []byte("hi"), Timeout: 10 * time.Second})
+	require.Equal(t, invoke.OK, res.Outcome, "a dial from before the return does not fail the call: %v", res.Err)
 	require.Equal(t, []byte("hi"), res.Response)
 }
 
