@@ -106,10 +106,12 @@ func TestSagaBenchInProcess(t *testing.T) {
 	}
 	require.GreaterOrEqual(t, creates, res["sagas"].(float64), "statements %v", stmts)
 	require.LessOrEqual(t, res["p50_ms"].(float64), res["p99_ms"].(float64))
-	// A saga writes its transaction row at least once per step plus its creation: anything less
-	// means the counters were read before PostgreSQL published them.
-	require.GreaterOrEqual(t, res["tx_row_writes_per_saga"].(float64), 4.0)
-	require.GreaterOrEqual(t, res["commits_per_saga"].(float64), 2.0)
+	// A saga writes its transaction row at least twice (created; finished — with the default
+	// --lazy-progress its forward steps may ride on the finish), in two group commits that at
+	// most the 4 concurrent sagas share: anything less means the counters were read before
+	// PostgreSQL published them.
+	require.GreaterOrEqual(t, res["tx_row_writes_per_saga"].(float64), 2.0)
+	require.GreaterOrEqual(t, res["commits_per_saga"].(float64), 0.5)
 	name, _ := res["database"].(string)
 	require.Regexp(t, `^treaty_bench_i13_[0-9a-f]{12}$`, name, "--db-prefix names the throwaway database")
 	require.False(t, databaseExists(t, db, name), "database %s was not dropped", name)
