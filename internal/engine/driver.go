@@ -198,7 +198,7 @@ func (d *driver) run() {
 		}
 		for _, c := range calls {
 			inFlight++
-			go d.call(c)
+			d.e.calls.run(func() { d.call(c) })
 		}
 		if stopping && inFlight == 0 {
 			d.release()

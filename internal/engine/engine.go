@@ -201,6 +201,8 @@ type Engine struct {
 	log *slog.Logger
 
 	commits chan *recordReq
+	// calls runs participant calls on kept goroutines (see workers).
+	calls *workers
 
 	mu       sync.Mutex
 	active   map[string]*driver
@@ -235,6 +237,7 @@ func New(cfg Config) (*Engine, error) {
 		cfg:     cfg,
 		log:     cfg.Logger.With("owner", cfg.Owner),
 		commits: make(chan *recordReq, 4096),
+		calls:   newWorkers(10 * time.Second),
 		active:  make(map[string]*driver),
 		waiters: make(map[string][]chan *treatyv1.Transaction),
 		stopCh:  make(chan struct{}),
@@ -304,6 +307,7 @@ func (e *Engine) Stop(ctx context.Context) error {
 	e.hard()
 	e.commitCancel()
 	e.commitWG.Wait()
+	e.calls.stop()
 	return err
 }
 

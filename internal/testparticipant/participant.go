@@ -68,7 +68,11 @@ func Start(opts Options) (*Participant, error) {
 		return nil, err
 	}
 	p := &Participant{Addr: lis.Addr().String(), script: opts.Script, record: !opts.NoRecord}
-	p.srv = grpc.NewServer(grpc.UnknownServiceHandler(p.handle), grpc.ForceServerCodecV2(invoke.RawCodec{}))
+	// Kept request goroutines (NumStreamWorkers) instead of one per call: a fresh goroutine
+	// grows its stack by copying on every call, which made this no-op participant cost more
+	// than it should in the benchmarks (issue 13).
+	p.srv = grpc.NewServer(grpc.UnknownServiceHandler(p.handle), grpc.ForceServerCodecV2(invoke.RawCodec{}),
+		grpc.NumStreamWorkers(64))
 	go func() { _ = p.srv.Serve(lis) }()
 	return p, nil
 }
