@@ -67,6 +67,9 @@ func (e *Engine) record(ctx context.Context, p store.RecordParams) (store.Record
 func (e *Engine) commitLoop(ctx context.Context) {
 	batch := make([]*recordReq, 0, e.cfg.CommitBatch)
 	for {
+		// Drop the last batch's requests, not only its length: the backing array would keep
+		// them (their creations carry whole specs, payloads included) alive until overwritten.
+		clear(batch)
 		batch = batch[:0]
 		select {
 		case <-ctx.Done():

@@ -33,6 +33,7 @@ func (w *workers) loop(f func()) {
 	defer idle.Stop()
 	for {
 		f()
+		f = nil // an idle worker must not keep the last call's driver and payload alive
 		idle.Reset(w.idleFor)
 		select {
 		case f = <-w.work:
