@@ -15,3 +15,6 @@ CREATE INDEX treaty_transactions_workflow ON treaty_transactions (workflow_name,
 -- pages the new version lands on another page and both branch indexes take new entries. Room
 -- left on each page keeps those updates HOT (heap-only: no index entries).
 ALTER TABLE treaty_branches SET (fillfactor = 60);
+-- (Not in SQL: from this version on, a saga's compensation row is written only once that
+-- compensation is touched; a missing row reads as pending, or skipped once the saga succeeded.
+-- See storedSagaRow in internal/engine.)

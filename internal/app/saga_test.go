@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -49,6 +50,29 @@ func TestSagaSucceeds(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, treatyv1.Status_STATUS_SUCCEEDED, got.Transaction.Status)
 	require.Len(t, got.Transaction.Branches, 6)
+	require.Equal(t, branchStatuses(tx), branchStatuses(got.Transaction), "the stored picture is the one the caller was told")
+	// Stored are the actions' rows only: a compensation that was never needed has no row (issue
+	// 13: three rows and six index entries less per three-step saga), and reads as skipped.
+	require.Equal(t, []string{"car/action", "flight/action", "hotel/action"}, b.storedBranchRows(t, "trip-1"))
+}
+
+// branchStatuses is "name/op" -> status of every branch of tx.
+func branchStatuses(tx *treatyv1.Transaction) map[string]string {
+	out := map[string]string{}
+	for _, br := range tx.Branches {
+		out[br.Name+"/"+br.Op] = br.Status.String()
+	}
+	return out
+}
+
+// storedBranchRows lists the (branch, op) rows stored for gid, sorted.
+func (b *bundle) storedBranchRows(t *testing.T, gid string) []string {
+	t.Helper()
+	rows, err := b.pool.Query(context.Background(), `SELECT branch || '/' || op FROM treaty_branches WHERE gid = $1 ORDER BY 1`, gid)
+	require.NoError(t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	return out
 }
 
 func TestSagaGeneratesGID(t *testing.T) {
@@ -97,6 +121,12 @@ func TestSagaAbortedAtEachPosition(t *testing.T) {
 			for i := pos + 1; i < len(names); i++ {
 				require.Equal(t, treatyv1.BranchStatus_BRANCH_STATUS_PENDING, branch(tx, names[i], "action").Status)
 			}
+			// A saga that turned back writes every compensation it touched (done or skipped),
+			// so the stored picture is the one the caller was told.
+			got, err := b.client.GetTransaction(t.Context(), &treatyv1.GetTransactionRequest{Gid: gid})
+			require.NoError(t, err)
+			require.Equal(t, branchStatuses(tx), branchStatuses(got.Transaction))
+			require.Len(t, b.storedBranchRows(t, gid), 2*len(names))
 		})
 	}
 }

@@ -2,8 +2,6 @@ package engine
 
 import (
 	"context"
-	"errors"
-	"fmt"
 
 	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/store"
@@ -33,10 +31,7 @@ func (e *Engine) allowedActions(t store.Transaction, bs []store.Branch) []string
 // View returns a transaction with its history, like Get, and the operator actions its state
 // machine allows now (retry, resume, rollback, pause, unpause), from the same snapshot.
 func (e *Engine) View(ctx context.Context, gid string) (*treatyv1.Transaction, []string, error) {
-	t, bs, evs, err := e.cfg.Store.GetView(ctx, gid)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, nil, fmt.Errorf("gid %q: %w", gid, ErrNotFound)
-	}
+	t, bs, evs, err := e.view(ctx, gid)
 	if err != nil {
 		return nil, nil, err
 	}

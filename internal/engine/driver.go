@@ -405,6 +405,9 @@ func (d *driver) persist(events []store.Event) bool {
 	now := d.m.branches()
 	for i, b := range now {
 		if i >= len(d.persisted) || !sameBranch(b, d.persisted[i]) {
+			if !storedSagaRow(d.m, p, b) {
+				continue
+			}
 			b.LastError = storable(b.LastError)
 			p.Branches = append(p.Branches, b)
 		}

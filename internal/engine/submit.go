@@ -50,11 +50,12 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	if err != nil {
 		return SubmitResult{}, err
 	}
-	branches := make([]store.Branch, 0, 2*len(plan.steps))
+	// Only the actions' rows: a compensation's row is written when it is first touched (see
+	// storedSagaRow), which for most sagas is never.
+	branches := make([]store.Branch, 0, len(plan.steps))
 	for i, st := range plan.steps {
 		branches = append(branches,
-			store.Branch{Branch: st.name, Op: string(saga.OpAction), Position: i, Status: string(saga.StatusPending)},
-			store.Branch{Branch: st.name, Op: string(saga.OpCompensate), Position: i, Status: string(saga.StatusPending)})
+			store.Branch{Branch: st.name, Op: string(saga.OpAction), Position: i, Status: string(saga.StatusPending)})
 	}
 	sent := time.Now()
 	res, err := e.create(ctx, store.CreateParams{
@@ -96,14 +97,27 @@ func newGID() (string, error) {
 
 // Get returns a transaction with its branches and events.
 func (e *Engine) Get(ctx context.Context, gid string) (*treatyv1.Transaction, error) {
-	t, bs, evs, err := e.cfg.Store.GetView(ctx, gid)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, fmt.Errorf("gid %q: %w", gid, ErrNotFound)
-	}
+	t, bs, evs, err := e.view(ctx, gid)
 	if err != nil {
 		return nil, err
 	}
 	return toProto(t, bs, evs), nil
+}
+
+// view reads a transaction as stored, with the branch rows the store leaves out put back (see
+// completeSagaRows), so every reader sees every branch.
+func (e *Engine) view(ctx context.Context, gid string) (store.Transaction, []store.Branch, []store.Event, error) {
+	t, bs, evs, err := e.cfg.Store.GetView(ctx, gid)
+	if errors.Is(err, store.ErrNotFound) {
+		return t, nil, nil, fmt.Errorf("gid %q: %w", gid, ErrNotFound)
+	}
+	if err != nil {
+		return t, nil, nil, err
+	}
+	if t.Mode == "saga" {
+		bs = completeSagaRows(t, bs)
+	}
+	return t, bs, evs, nil
 }
 
 // Wait blocks until the transaction is terminal or timeout passes, then returns it.
