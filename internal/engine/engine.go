@@ -172,6 +172,7 @@ func (c *Config) setDefaults() error {
 		c.CommitWorkers = 4
 	}
 	c.Limits = c.Limits.withDefaults()
+	c.Limits.parsed = newTargetCache()
 	if err := c.Retry.Validate(); err != nil {
 		return fmt.Errorf("engine: %w", err)
 	}
