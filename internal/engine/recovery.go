@@ -134,50 +134,6 @@ func (e *Engine) machineFromRows(c store.Claimed) (machine, error) {
 	return m, nil
 }
 
-// A saga's compensation row is written only once the compensation is touched: it is not
-// written at creation (pending, never tried), nor when a saga that succeeded marks it skipped
-// (never needed). Three rows of six for a three-step saga, with their index entries, on every
-// saga that succeeds (issue 13). A missing row therefore means exactly one of those two states,
-// which the transaction's own status tells apart; readers get it back from completeSagaRows,
-// and recovery from saga.New (a fresh compensation is pending).
-
-// storedSagaRow reports whether a changed branch row of machine m goes into write p.
-func storedSagaRow(m machine, p store.RecordParams, b store.Branch) bool {
-	if _, ok := m.(*sagaMachine); !ok || b.Op != string(saga.OpCompensate) {
-		return true
-	}
-	untouched := b.Attempts == 0 && b.LastError == "" && b.NextAttemptAt.IsZero() && !b.Uncertain
-	return !(untouched && p.Terminal && p.Status == string(saga.PhaseSucceeded) && b.Status == string(saga.StatusSkipped))
-}
-
-// completeSagaRows puts back the compensation rows a saga's store leaves out (see
-// storedSagaRow): pending while the saga is not over, skipped once it succeeded. A pending,
-// untried row of a saga that succeeded (written at creation by versions before this rule)
-// reads as skipped too, as it would have been written. rows are ordered by position and op.
-func completeSagaRows(t store.Transaction, rows []store.Branch) []store.Branch {
-	succeeded := t.Status == string(saga.PhaseSucceeded)
-	idle := string(saga.StatusPending)
-	if succeeded {
-		idle = string(saga.StatusSkipped)
-	}
-	out := make([]store.Branch, 0, 2*len(rows))
-	for i, r := range rows {
-		if r.Op == string(saga.OpCompensate) && succeeded && r.Status == string(saga.StatusPending) && r.Attempts == 0 {
-			r.Status = idle
-		}
-		out = append(out, r)
-		if r.Op != string(saga.OpAction) {
-			continue
-		}
-		if i+1 < len(rows) && rows[i+1].Branch == r.Branch && rows[i+1].Op == string(saga.OpCompensate) {
-			continue
-		}
-		out = append(out, store.Branch{Branch: r.Branch, Op: string(saga.OpCompensate), Position: r.Position,
-			Status: idle, UpdatedAt: r.UpdatedAt})
-	}
-	return out
-}
-
 func sagaStateFromRows(plan *sagaPlan, t store.Transaction, rows []store.Branch) saga.State {
 	s := saga.New(saga.Spec{Steps: plan.policy})
 	s.Phase = saga.Phase(t.Status)

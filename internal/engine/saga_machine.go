@@ -87,3 +87,52 @@ func (m *sagaMachine) operate(op saga.Operation, branch string) ([]store.Event, 
 	m.state, evs, err = saga.Operate(m.spec, m.state, op)
 	return sagaEvents(evs), err
 }
+
+// A saga's compensation row is written only once the compensation is touched: it is not
+// written at creation (pending, never tried), nor when a saga that succeeded marks it skipped
+// (never needed). Three rows of six for a three-step saga, with their index entries, on every
+// saga that succeeds (issue 13). A missing row therefore means exactly one of those two states,
+// which the transaction's own status tells apart; readers get it back from completeSagaRows,
+// and recovery from saga.New (a fresh compensation is pending).
+
+// untouched reports a branch row that no call, retry or error has changed: what a missing
+// compensation row stands for.
+func untouched(b store.Branch) bool {
+	return b.Attempts == 0 && b.LastError == "" && b.NextAttemptAt.IsZero() && !b.Uncertain
+}
+
+// storedSagaRow reports whether a changed branch row of machine m goes into write p.
+func storedSagaRow(m machine, p store.RecordParams, b store.Branch) bool {
+	if _, ok := m.(*sagaMachine); !ok || b.Op != string(saga.OpCompensate) {
+		return true
+	}
+	succeededNow := p.Terminal && p.Status == string(saga.PhaseSucceeded)
+	return !(succeededNow && b.Status == string(saga.StatusSkipped) && untouched(b))
+}
+
+// completeSagaRows puts back the compensation rows a saga's store leaves out (see
+// storedSagaRow): pending while the saga is not over, skipped once it succeeded. A pending,
+// untouched row of a saga that succeeded (written at creation by versions before this rule)
+// reads as skipped too, as it would have been written. rows are ordered by position and op.
+func completeSagaRows(t store.Transaction, rows []store.Branch) []store.Branch {
+	idle := string(saga.StatusPending)
+	if t.Status == string(saga.PhaseSucceeded) {
+		idle = string(saga.StatusSkipped)
+	}
+	out := make([]store.Branch, 0, 2*len(rows))
+	for i, r := range rows {
+		if r.Op == string(saga.OpCompensate) && r.Status == string(saga.StatusPending) && untouched(r) {
+			r.Status = idle
+		}
+		out = append(out, r)
+		if r.Op != string(saga.OpAction) {
+			continue
+		}
+		if i+1 < len(rows) && rows[i+1].Branch == r.Branch && rows[i+1].Op == string(saga.OpCompensate) {
+			continue
+		}
+		out = append(out, store.Branch{Branch: r.Branch, Op: string(saga.OpCompensate), Position: r.Position,
+			Status: idle, UpdatedAt: r.UpdatedAt})
+	}
+	return out
+}
