@@ -2,10 +2,12 @@ package app_test
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -16,12 +18,16 @@ import (
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
-// branchStatus reads a branch's durable status.
+// branchStatus reads a branch's durable status: "" while it has no row (a branch's row is
+// written once the branch is touched).
 func (b *bundle) branchStatus(t *testing.T, gid, branch, op string) string {
 	t.Helper()
 	var s string
 	err := b.pool.QueryRow(context.Background(),
 		`SELECT status FROM treaty_branches WHERE gid = $1 AND branch = $2 AND op = $3`, gid, branch, op).Scan(&s)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ""
+	}
 	require.NoError(t, err)
 	return s
 }

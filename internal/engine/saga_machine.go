@@ -1,8 +1,12 @@
 package engine
 
 import (
+	"fmt"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
+	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/invoke"
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/pkg/saga"
@@ -88,12 +92,13 @@ func (m *sagaMachine) operate(op saga.Operation, branch string) ([]store.Event, 
 	return sagaEvents(evs), err
 }
 
-// A saga's compensation row is written only once the compensation is touched: it is not
-// written at creation (pending, never tried), nor when a saga that succeeded marks it skipped
-// (never needed). Three rows of six for a three-step saga, with their index entries, on every
-// saga that succeeds (issue 13). A missing row therefore means exactly one of those two states,
-// which the transaction's own status tells apart; readers get it back from completeSagaRows,
-// and recovery from saga.New (a fresh compensation is pending).
+// A saga's branch row is written only once the branch is touched: no row is written at
+// creation (every step pending, never tried), and a saga that succeeded does not mark its
+// compensations skipped (never needed). A succeeded three-step saga stores its three actions'
+// rows and nothing more, each written once (issue 13: six inserts, three updates and their
+// index entries less per saga than rows for everything at creation). A missing row therefore
+// means one of those two states, which the transaction's own status tells apart; readers get it
+// back from completeSagaRows, and recovery from saga.New (a fresh branch is pending).
 
 // untouched reports a branch row that no call, retry or error has changed: what a missing
 // compensation row stands for.
@@ -110,29 +115,62 @@ func storedSagaRow(m machine, p store.RecordParams, b store.Branch) bool {
 	return !(succeededNow && b.Status == string(saga.StatusSkipped) && untouched(b))
 }
 
-// completeSagaRows puts back the compensation rows a saga's store leaves out (see
-// storedSagaRow): pending while the saga is not over, skipped once it succeeded. A pending,
-// untouched row of a saga that succeeded (written at creation by versions before this rule)
-// reads as skipped too, as it would have been written. rows are ordered by position and op.
-func completeSagaRows(t store.Transaction, rows []store.Branch) []store.Branch {
+// completeSagaRows puts back the rows a saga's store leaves out (see storedSagaRow), one action
+// and one compensation per step of names, in step order: an action is pending; a compensation
+// is pending while the saga is not over and skipped once it succeeded. A pending, untouched
+// compensation of a saga that succeeded (written at creation by versions before this rule)
+// reads as skipped too, as it would have been written. Stored rows of no step in names (none are
+// written) are kept, at the end, so that a reader never loses one.
+func completeSagaRows(t store.Transaction, names []string, rows []store.Branch) []store.Branch {
 	idle := string(saga.StatusPending)
 	if t.Status == string(saga.PhaseSucceeded) {
 		idle = string(saga.StatusSkipped)
 	}
-	out := make([]store.Branch, 0, 2*len(rows))
-	for i, r := range rows {
-		if r.Op == string(saga.OpCompensate) && r.Status == string(saga.StatusPending) && untouched(r) {
-			r.Status = idle
+	type key struct {
+		pos int
+		op  string
+	}
+	stored := make(map[key]store.Branch, len(rows))
+	for _, r := range rows {
+		stored[key{r.Position, r.Op}] = r
+	}
+	out := make([]store.Branch, 0, 2*len(names)+len(rows))
+	for i, name := range names {
+		a, ok := stored[key{i, string(saga.OpAction)}]
+		if ok && a.Branch == name {
+			delete(stored, key{i, string(saga.OpAction)})
+		} else {
+			a = store.Branch{Branch: name, Op: string(saga.OpAction), Position: i,
+				Status: string(saga.StatusPending), UpdatedAt: t.CreatedAt}
 		}
-		out = append(out, r)
-		if r.Op != string(saga.OpAction) {
-			continue
+		c, ok := stored[key{i, string(saga.OpCompensate)}]
+		if ok && c.Branch == name {
+			delete(stored, key{i, string(saga.OpCompensate)})
+			if c.Status == string(saga.StatusPending) && untouched(c) {
+				c.Status = idle
+			}
+		} else {
+			c = store.Branch{Branch: name, Op: string(saga.OpCompensate), Position: i, Status: idle, UpdatedAt: a.UpdatedAt}
 		}
-		if i+1 < len(rows) && rows[i+1].Branch == r.Branch && rows[i+1].Op == string(saga.OpCompensate) {
-			continue
+		out = append(out, a, c)
+	}
+	for _, r := range rows {
+		if _, left := stored[key{r.Position, r.Op}]; left {
+			out = append(out, r)
 		}
-		out = append(out, store.Branch{Branch: r.Branch, Op: string(saga.OpCompensate), Position: r.Position,
-			Status: idle, UpdatedAt: r.UpdatedAt})
 	}
 	return out
+}
+
+// sagaStepNames reads a saga's step names, in order, from its stored spec.
+func sagaStepNames(t store.Transaction) ([]string, error) {
+	var spec treatyv1.SagaSpec
+	if err := proto.Unmarshal(t.Spec, &spec); err != nil {
+		return nil, fmt.Errorf("decode stored spec: %w", err)
+	}
+	names := make([]string, len(spec.Steps))
+	for i, st := range spec.Steps {
+		names[i] = st.Name
+	}
+	return names, nil
 }

@@ -27,7 +27,7 @@ func equalRows(t *testing.T, got []store.Branch, want ...string) {
 	}
 }
 
-// The compensation rows a saga's store leaves out read back as the state they stand for.
+// The rows a saga's store leaves out read back as the state they stand for.
 func TestCompleteSagaRows(t *testing.T) {
 	act := func(name string, pos int, status string) store.Branch {
 		return store.Branch{Branch: name, Op: "action", Position: pos, Status: status}
@@ -35,25 +35,38 @@ func TestCompleteSagaRows(t *testing.T) {
 	comp := func(name string, pos int, status string, attempts int) store.Branch {
 		return store.Branch{Branch: name, Op: "compensate", Position: pos, Status: status, Attempts: attempts}
 	}
+	ab := []string{"a", "b"}
 	running := store.Transaction{Mode: "saga", Status: "running"}
-	equalRows(t, completeSagaRows(running, []store.Branch{act("a", 0, "succeeded"), act("b", 1, "pending")}),
+	// Just created: nothing stored.
+	equalRows(t, completeSagaRows(running, ab, nil),
+		"a/action=pending", "a/compensate=pending", "b/action=pending", "b/compensate=pending")
+	equalRows(t, completeSagaRows(running, ab, []store.Branch{act("a", 0, "succeeded")}),
+		"a/action=succeeded", "a/compensate=pending", "b/action=pending", "b/compensate=pending")
+	// Written at creation by earlier versions: kept as they are.
+	equalRows(t, completeSagaRows(running, ab, []store.Branch{act("a", 0, "succeeded"), act("b", 1, "pending")}),
 		"a/action=succeeded", "a/compensate=pending", "b/action=pending", "b/compensate=pending")
 
 	succeeded := store.Transaction{Mode: "saga", Status: "succeeded"}
-	equalRows(t, completeSagaRows(succeeded, []store.Branch{act("a", 0, "succeeded"), act("b", 1, "succeeded")}),
+	equalRows(t, completeSagaRows(succeeded, ab, []store.Branch{act("a", 0, "succeeded"), act("b", 1, "succeeded")}),
 		"a/action=succeeded", "a/compensate=skipped", "b/action=succeeded", "b/compensate=skipped")
 	// Written by an earlier version at creation and never touched: skipped, as it would be now.
-	equalRows(t, completeSagaRows(succeeded, []store.Branch{act("a", 0, "succeeded"), comp("a", 0, "pending", 0)}),
+	equalRows(t, completeSagaRows(succeeded, []string{"a"}, []store.Branch{act("a", 0, "succeeded"), comp("a", 0, "pending", 0)}),
 		"a/action=succeeded", "a/compensate=skipped")
 
-	// A saga that turned back stores what it touched; rows that are there are kept as they are.
+	// A saga that turned back stores what it touched; rows that are there are kept as they are,
+	// and the actions it never reached are pending.
+	abc := []string{"a", "b", "c"}
 	compensated := store.Transaction{Mode: "saga", Status: "compensated"}
-	equalRows(t, completeSagaRows(compensated, []store.Branch{
-		act("a", 0, "succeeded"), comp("a", 0, "succeeded", 1), act("b", 1, "failed"), comp("b", 1, "skipped", 0)}),
-		"a/action=succeeded", "a/compensate=succeeded", "b/action=failed", "b/compensate=skipped")
+	equalRows(t, completeSagaRows(compensated, abc, []store.Branch{
+		act("a", 0, "succeeded"), comp("a", 0, "succeeded", 1), act("b", 1, "failed"), comp("b", 1, "skipped", 0), comp("c", 2, "skipped", 0)}),
+		"a/action=succeeded", "a/compensate=succeeded", "b/action=failed", "b/compensate=skipped", "c/action=pending", "c/compensate=skipped")
 	compensating := store.Transaction{Mode: "saga", Status: "compensating"}
-	equalRows(t, completeSagaRows(compensating, []store.Branch{act("a", 0, "succeeded"), act("b", 1, "failed"), comp("b", 1, "skipped", 0)}),
+	equalRows(t, completeSagaRows(compensating, ab, []store.Branch{act("a", 0, "succeeded"), act("b", 1, "failed"), comp("b", 1, "skipped", 0)}),
 		"a/action=succeeded", "a/compensate=pending", "b/action=failed", "b/compensate=skipped")
+
+	// A stored row the spec does not name (none is written) is not hidden.
+	equalRows(t, completeSagaRows(running, []string{"a"}, []store.Branch{act("a", 0, "succeeded"), act("x", 7, "failed")}),
+		"a/action=succeeded", "a/compensate=pending", "x/action=failed")
 }
 
 // Only the final write of a saga that succeeded leaves its untouched compensations out.

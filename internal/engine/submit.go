@@ -50,20 +50,13 @@ func (e *Engine) submitSaga(ctx context.Context, gid string, spec *treatyv1.Saga
 	if err != nil {
 		return SubmitResult{}, err
 	}
-	// Only the actions' rows: a compensation's row is written when it is first touched (see
-	// storedSagaRow), which for most sagas is never.
-	branches := make([]store.Branch, 0, len(plan.steps))
-	for i, st := range plan.steps {
-		branches = append(branches,
-			store.Branch{Branch: st.name, Op: string(saga.OpAction), Position: i, Status: string(saga.StatusPending)})
-	}
 	sent := time.Now()
 	res, err := e.create(ctx, store.CreateParams{
 		GID: gid, Mode: "saga", Status: string(saga.PhaseRunning), Spec: raw, SpecHash: hash,
 		WorkflowName: workflow, WorkflowVersion: version,
 		Timeout: plan.timeout, Owner: e.cfg.Owner, Lease: e.cfg.Lease,
-		Branches: branches,
-		Events:   []store.Event{{Kind: "submitted", Detail: fmt.Sprintf("saga with %d steps", len(plan.steps))}},
+		// No branch rows: a step's rows are written once it is touched (see storedSagaRow).
+		Events: []store.Event{{Kind: "submitted", Detail: fmt.Sprintf("saga with %d steps", len(plan.steps))}},
 	})
 	if err != nil {
 		return SubmitResult{}, err
@@ -115,7 +108,11 @@ func (e *Engine) view(ctx context.Context, gid string) (store.Transaction, []sto
 		return t, nil, nil, err
 	}
 	if t.Mode == "saga" {
-		bs = completeSagaRows(t, bs)
+		names, err := sagaStepNames(t)
+		if err != nil {
+			return t, nil, nil, fmt.Errorf("gid %q: %w", gid, err)
+		}
+		bs = completeSagaRows(t, names, bs)
 	}
 	return t, bs, evs, nil
 }
