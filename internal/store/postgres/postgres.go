@@ -70,7 +70,11 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 // Close closes the pool.
 func (s *Store) Close() { s.pool.Close() }
 
-const createSQL = `
+// The creation statement writes a transaction with its first events and, when there are any,
+// its first branch rows (createBranchesCTE, whose parameters come last so that the statement
+// without it takes a prefix of the arguments). A saga is created without branch rows, and a
+// statement without the branch insert is cheaper to run.
+const createHeadSQL = `
 WITH t AS (
     INSERT INTO treaty_transactions
         (gid, mode, status, spec, spec_hash, workflow_name, workflow_version, deadline,
@@ -81,18 +85,27 @@ WITH t AS (
             CASE WHEN $9 = '' THEN NULL ELSE now() + $10::interval END, 1)
     ON CONFLICT (gid) DO NOTHING
     RETURNING gid, created_at, updated_at, deadline, next_attempt_at, lease_expires_at
-), b AS (
-    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, spec)
-    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, x.uncertain, x.spec
-    FROM t, unnest($11::text[], $12::text[], $13::int[], $14::text[], $19::int[], $20::text[], $21::timestamptz[], $22::bool[], $23::bytea[])
-        AS x(branch, op, position, status, attempts, last_error, next_at, uncertain, spec)
 ), e AS (
     INSERT INTO treaty_events (gid, at, kind, branch, op, detail)
     SELECT t.gid, coalesce(x.at, now()), x.kind, x.branch, x.op, x.detail
-    FROM t, unnest($15::text[], $16::text[], $17::text[], $18::text[], $24::timestamptz[]) WITH ORDINALITY AS x(kind, branch, op, detail, at, n)
+    FROM t, unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::timestamptz[]) WITH ORDINALITY AS x(kind, branch, op, detail, at, n)
     ORDER BY x.n
-)
+)`
+
+const createTailSQL = `
 SELECT created_at, updated_at, deadline, next_attempt_at, lease_expires_at FROM t`
+
+const createBranchesCTE = `, b AS (
+    INSERT INTO treaty_branches (gid, branch, op, position, status, attempts, last_error, next_attempt_at, uncertain, spec)
+    SELECT t.gid, x.branch, x.op, x.position, x.status, x.attempts, x.last_error, x.next_at, x.uncertain, x.spec
+    FROM t, unnest($16::text[], $17::text[], $18::int[], $19::text[], $20::int[], $21::text[], $22::timestamptz[], $23::bool[], $24::bytea[])
+        AS x(branch, op, position, status, attempts, last_error, next_at, uncertain, spec)
+)`
+
+const (
+	createWithBranchesSQL = createHeadSQL + createBranchesCTE + createTailSQL
+	createBareSQL         = createHeadSQL + createTailSQL
+)
 
 // CreateTransaction implements store.Store.
 func (s *Store) CreateTransaction(ctx context.Context, p store.CreateParams) (store.CreateResult, error) {
@@ -174,13 +187,16 @@ func (s *Store) Commit(ctx context.Context, cs []store.CreateParams, ps []store.
 	for _, it := range items {
 		if it.create {
 			p := cs[it.i]
+			ek, eb, eo, ed := eventArrays(p.Events)
+			args := []any{p.GID, p.Mode, p.Status, p.Spec, p.SpecHash, p.WorkflowName, p.WorkflowVersion,
+				p.Timeout, p.Owner, p.Lease, ek, eb, eo, ed, eventTimes(p.Events)}
+			if len(p.Branches) == 0 {
+				batch.Queue(createBareSQL, args...)
+				continue
+			}
 			bn, bo, bp, bs := branchArrays(p.Branches)
 			ba, be, bt, bu := branchStateArrays(p.Branches)
-			ek, eb, eo, ed := eventArrays(p.Events)
-			batch.Queue(createSQL,
-				p.GID, p.Mode, p.Status, p.Spec, p.SpecHash, p.WorkflowName, p.WorkflowVersion,
-				p.Timeout, p.Owner, p.Lease,
-				bn, bo, bp, bs, ek, eb, eo, ed, ba, be, bt, bu, branchSpecs(p.Branches), eventTimes(p.Events))
+			batch.Queue(createWithBranchesSQL, append(args, bn, bo, bp, bs, ba, be, bt, bu, branchSpecs(p.Branches))...)
 			continue
 		}
 		p := ps[it.i]
