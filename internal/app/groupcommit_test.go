@@ -96,3 +96,103 @@ func TestGroupCommitLostReplyWritesEventsOnce(t *testing.T) {
 		}
 	}
 }
+
+// pacedStore is the real PostgreSQL store whose group commits each take at least pace, as on a
+// slower disk, and which records how many are in flight at once and how large they are.
+type pacedStore struct {
+	*postgres.Store
+	pace     time.Duration
+	inflight atomic.Int32
+
+	mu          sync.Mutex
+	maxInflight int32
+	maxBatch    int
+	commits     int
+	records     int
+}
+
+func (s *pacedStore) Commit(ctx context.Context, cs []store.CreateParams, ps []store.RecordParams) ([]store.CreateResult, []store.RecordResult, error) {
+	n := s.inflight.Add(1)
+	defer s.inflight.Add(-1)
+	s.mu.Lock()
+	s.maxInflight = max(s.maxInflight, n)
+	s.maxBatch = max(s.maxBatch, len(cs)+len(ps))
+	s.commits++
+	s.records += len(cs) + len(ps)
+	s.mu.Unlock()
+	time.Sleep(s.pace)
+	return s.Store.Commit(ctx, cs, ps)
+}
+
+func (s *pacedStore) stats() (maxInflight int32, maxBatch, commits, records int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.maxInflight, s.maxBatch, s.commits, s.records
+}
+
+// runPaced runs 64 three-step sagas at once against a coordinator whose group commits take
+// 20 ms each, with the given batch bound and four commit workers.
+func runPaced(t *testing.T, commitBatch int) *pacedStore {
+	t.Helper()
+	ctx := context.Background()
+	pg, err := postgres.Open(ctx, pgtest.NewDatabase(t), 16)
+	require.NoError(t, err)
+	_, err = postgres.Migrate(ctx, pg.Pool())
+	require.NoError(t, err)
+	st := &pacedStore{Store: pg, pace: 20 * time.Millisecond}
+	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", Logger: testLogger(t),
+		Engine: engine.Config{CommitWorkers: 4, CommitBatch: commitBatch, LazyProgress: -1}})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, a.Stop(sctx))
+	})
+	part, err := testparticipant.Start(testparticipant.Options{})
+	require.NoError(t, err)
+	t.Cleanup(part.Stop)
+	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	client := treatyv1.NewCoordinatorClient(conn)
+	b := &bundle{part: part}
+	var wg sync.WaitGroup
+	for i := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: fmt.Sprintf("paced-%d", i),
+				Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("a"), b.step("b", "a"), b.step("c", "b")}},
+				Wait: durationpb.New(60 * time.Second)})
+			if !(err == nil && res.Transaction.Status == treatyv1.Status_STATUS_SUCCEEDED) {
+				t.Errorf("saga %d: %v %v", i, err, res)
+			}
+		}()
+	}
+	wg.Wait()
+	return st
+}
+
+// While one group commit is in flight, the writes queued meanwhile wait for it and go in the
+// next one, however many commit workers there are: one commit at a time, in fuller batches
+// (issue 13: four commits in flight from the start cost the database twice the CPU per saga).
+func TestGroupCommitOneAtATimeWhileItKeepsUp(t *testing.T) {
+	t.Parallel()
+	st := runPaced(t, 256)
+	maxInflight, maxBatch, commits, records := st.stats()
+	t.Logf("%d records in %d commits, largest %d, at most %d in flight", records, commits, maxBatch, maxInflight)
+	require.EqualValues(t, 1, maxInflight, "commits in flight at once although no batch was full")
+	require.Greater(t, maxBatch, 8, "writes queued during a commit did not go in one batch")
+}
+
+// When the next batch is full while a commit is in flight, it goes to a further worker at once:
+// up to CommitWorkers in flight, none larger than CommitBatch.
+func TestGroupCommitFullBatchesGoInParallel(t *testing.T) {
+	t.Parallel()
+	st := runPaced(t, 4)
+	maxInflight, maxBatch, commits, records := st.stats()
+	t.Logf("%d records in %d commits, largest %d, at most %d in flight", records, commits, maxBatch, maxInflight)
+	require.Greater(t, maxInflight, int32(1), "full batches waited for the commit in flight")
+	require.LessOrEqual(t, maxInflight, int32(4), "more commits in flight than workers")
+	require.LessOrEqual(t, maxBatch, 4, "a batch larger than CommitBatch")
+}

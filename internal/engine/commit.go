@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	"github.com/treatyhq/treaty/internal/store"
@@ -64,42 +65,87 @@ func (e *Engine) record(ctx context.Context, p store.RecordParams) (store.Record
 	}
 }
 
+// commitLoop gathers queued writes into batches and hands each to a commit worker. A batch goes
+// to the database at once when no commit is in flight; while one is, the next batch waits for it
+// and grows, unless it is full (CommitBatch records): then it goes to a further worker, up to
+// CommitWorkers commits in flight. Under a load one commit at a time keeps up with, that is one
+// commit at a time with everything queued meanwhile in the next one; concurrent commits start
+// only when one would not keep up. (Issue 13: every worker taking what was queued as soon as it
+// was free made batches of 3.5 records at 2,000 sagas/s and cost the database twice the CPU per
+// saga of one commit at a time.)
 func (e *Engine) commitLoop(ctx context.Context) {
-	batch := make([]*recordReq, 0, e.cfg.CommitBatch)
-	for {
-		// Drop the last batch's requests, not only its length: the backing array would keep
-		// them (their creations carry whole specs, payloads included) alive until overwritten.
-		clear(batch)
-		batch = batch[:0]
-		select {
-		case <-ctx.Done():
-			return
-		case r := <-e.commits:
-			batch = append(batch, r)
-		}
-	drain:
-		for len(batch) < e.cfg.CommitBatch {
-			select {
-			case r := <-e.commits:
-				batch = append(batch, r)
-			default:
-				break drain
+	work := make(chan []*recordReq)
+	// Buffered for every worker: a worker's "done" never waits for the loop.
+	done := make(chan struct{}, e.cfg.CommitWorkers)
+	var wg sync.WaitGroup
+	for range e.cfg.CommitWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for batch := range work {
+				e.commitGroup(ctx, batch)
+				done <- struct{}{}
 			}
+		}()
+	}
+	defer func() {
+		close(work)
+		wg.Wait()
+	}()
+	var batch []*recordReq
+	inflight := 0
+	for {
+		full := len(batch) >= e.cfg.CommitBatch
+		if len(batch) > 0 && inflight < e.cfg.CommitWorkers && (inflight == 0 || full) {
+			// A worker is free (fewer batches out than workers), so this does not wait long.
+			work <- batch
+			inflight++
+			// A new array: the worker owns the last one, and drops it (with the requests, whose
+			// creations carry whole specs) when its commit is done.
+			batch = make([]*recordReq, 0, min(e.cfg.CommitBatch, 2*len(batch)))
+			continue
 		}
-		e.cfg.Observer.GroupCommit(len(batch))
-		if err := e.commitBatch(ctx, batch); err != nil && len(batch) > 1 && ctx.Err() == nil {
-			// The batch is one transaction: one bad write fails them all. Write them one by
-			// one so that only the bad one fails (and its driver retries or gives up alone).
-			for _, r := range batch {
-				if err := e.commitBatch(ctx, []*recordReq{r}); err != nil {
-					r.done <- recordResp{err: err}
+		in := e.commits
+		if full {
+			in = nil // every worker busy and the next batch full: the queue waits
+		}
+		select {
+		case r := <-in:
+			batch = append(batch, r)
+		drain:
+			for len(batch) < e.cfg.CommitBatch {
+				select {
+				case r := <-e.commits:
+					batch = append(batch, r)
+				default:
+					break drain
 				}
 			}
-			continue
-		} else if err != nil {
-			for _, r := range batch {
+		case <-done:
+			inflight--
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// commitGroup commits one batch and answers its requests.
+func (e *Engine) commitGroup(ctx context.Context, batch []*recordReq) {
+	e.cfg.Observer.GroupCommit(len(batch))
+	err := e.commitBatch(ctx, batch)
+	switch {
+	case err == nil:
+	case len(batch) > 1 && ctx.Err() == nil:
+		// The batch is one transaction: one bad write fails them all. Write them one by one
+		// so that only the bad one fails (and its driver retries or gives up alone).
+		for _, r := range batch {
+			if err := e.commitBatch(ctx, []*recordReq{r}); err != nil {
 				r.done <- recordResp{err: err}
 			}
+		}
+	default:
+		for _, r := range batch {
+			r.done <- recordResp{err: err}
 		}
 	}
 }

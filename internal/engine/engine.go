@@ -59,7 +59,8 @@ type Config struct {
 	OperatorThreshold int
 	// CommitBatch bounds how many records one group commit carries; default 256.
 	CommitBatch int
-	// CommitWorkers is how many group commits may be in flight at once; default 4.
+	// CommitWorkers is how many group commits may be in flight at once; default 4. A further
+	// commit starts only when the next batch is full (see commitLoop).
 	CommitWorkers int
 	// LazyProgress is how long a saga's forward results may stay unrecorded while its next
 	// steps are called: a saga whose steps answer within it is written twice (created,
@@ -264,10 +265,8 @@ func (e *Engine) Start(ctx context.Context) error {
 	e.started = true
 	e.baseCtx, e.hard = context.WithCancel(context.WithoutCancel(ctx))
 	e.commitCtx, e.commitCancel = context.WithCancel(context.WithoutCancel(ctx))
-	for range e.cfg.CommitWorkers {
-		e.commitWG.Add(1)
-		go func() { defer e.commitWG.Done(); e.commitLoop(e.commitCtx) }()
-	}
+	e.commitWG.Add(1)
+	go func() { defer e.commitWG.Done(); e.commitLoop(e.commitCtx) }()
 	loopCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	e.cancel = cancel
 	e.loops.Add(4)
