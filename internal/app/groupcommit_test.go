@@ -196,3 +196,52 @@ func TestGroupCommitFullBatchesGoInParallel(t *testing.T) {
 	require.LessOrEqual(t, maxInflight, int32(4), "more commits in flight than workers")
 	require.LessOrEqual(t, maxBatch, 4, "a batch larger than CommitBatch")
 }
+
+// Stopping while writes wait for the next group commit answers them (the coordinator is
+// stopping) instead of leaving their callers waiting for a commit that never comes: Stop
+// returns without needing its deadline, and every submission has its answer.
+func TestGroupCommitStopAnswersQueuedWrites(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pg, err := postgres.Open(ctx, pgtest.NewDatabase(t), 16)
+	require.NoError(t, err)
+	_, err = postgres.Migrate(ctx, pg.Pool())
+	require.NoError(t, err)
+	st := &pacedStore{Store: pg, pace: time.Second}
+	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", Logger: testLogger(t)})
+	require.NoError(t, err)
+	part, err := testparticipant.Start(testparticipant.Options{})
+	require.NoError(t, err)
+	t.Cleanup(part.Stop)
+	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	client := treatyv1.NewCoordinatorClient(conn)
+	b := &bundle{part: part}
+
+	answered := make(chan error, 8)
+	for i := range 8 {
+		go func() {
+			_, err := client.SubmitSaga(ctx, &treatyv1.SubmitSagaRequest{Gid: fmt.Sprintf("stop-%d", i),
+				Saga: &treatyv1.SagaSpec{Steps: []*treatyv1.SagaStep{b.step("a")}}})
+			answered <- err
+		}()
+	}
+	// One creation is in the commit in flight (a second long), the rest wait for the next.
+	require.Eventually(t, func() bool { _, _, commits, _ := st.stats(); return commits >= 1 }, 20*time.Second, 5*time.Millisecond)
+	time.Sleep(100 * time.Millisecond)
+
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	stopped := make(chan error, 1)
+	go func() { stopped <- a.Stop(sctx) }()
+	select {
+	case err := <-stopped:
+		require.NoError(t, err)
+	case <-sctx.Done():
+		t.Fatal("Stop waited for its deadline: queued writes were never answered")
+	}
+	for range 8 {
+		<-answered // each submission has its answer (created, or refused while stopping)
+	}
+}

@@ -124,7 +124,19 @@ func (e *Engine) commitLoop(ctx context.Context) {
 		case <-done:
 			inflight--
 		case <-ctx.Done():
-			return
+			// Stopping: nothing more is committed. Answer what waits here, so that no caller
+			// waits for a commit that will not come.
+			for _, r := range batch {
+				r.done <- recordResp{err: ErrStopping}
+			}
+			for {
+				select {
+				case r := <-e.commits:
+					r.done <- recordResp{err: ErrStopping}
+				default:
+					return
+				}
+			}
 		}
 	}
 }
