@@ -100,8 +100,8 @@ func (m *sagaMachine) operate(op saga.Operation, branch string) ([]store.Event, 
 // means one of those two states, which the transaction's own status tells apart; readers get it
 // back from completeSagaRows, and recovery from saga.New (a fresh branch is pending).
 
-// untouched reports a branch row that no call, retry or error has changed: what a missing
-// compensation row stands for.
+// untouched reports a branch row that no call, retry or error has changed: what a missing row
+// stands for.
 func untouched(b store.Branch) bool {
 	return b.Attempts == 0 && b.LastError == "" && b.NextAttemptAt.IsZero() && !b.Uncertain
 }
