@@ -2,9 +2,11 @@ package app_test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -70,7 +72,11 @@ func heldSaga(t *testing.T, a *bundle, gid string) {
 	require.NoError(t, err)
 	waitUntil(t, "the slow step failed once and waits", func() bool {
 		var n int
-		require.NoError(t, a.pool.QueryRow(ctx, `SELECT attempts FROM treaty_branches WHERE gid = $1 AND branch = 'slow' AND op = 'action'`, gid).Scan(&n))
+		err := a.pool.QueryRow(ctx, `SELECT attempts FROM treaty_branches WHERE gid = $1 AND branch = 'slow' AND op = 'action'`, gid).Scan(&n)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return false // not touched yet: a branch's row is written once it is
+		}
+		require.NoError(t, err)
 		return n == 1
 	})
 }
