@@ -23,6 +23,33 @@ import (
 	"github.com/treatyhq/treaty/internal/testparticipant"
 )
 
+// wrappedCoordinator starts a coordinator on a fresh database through wrap's wrapper of the
+// real PostgreSQL store (stopped when the test ends, if the test has not stopped it), a test
+// participant, and a client of the coordinator.
+func wrappedCoordinator[S store.Store](t *testing.T, wrap func(*postgres.Store) S, ec engine.Config) (S, *app.App, treatyv1.CoordinatorClient, *bundle) {
+	t.Helper()
+	ctx := context.Background()
+	pg, err := postgres.Open(ctx, pgtest.NewDatabase(t), 16)
+	require.NoError(t, err)
+	_, err = postgres.Migrate(ctx, pg.Pool())
+	require.NoError(t, err)
+	st := wrap(pg)
+	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", Logger: testLogger(t), Engine: ec})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, a.Stop(sctx))
+	})
+	part, err := testparticipant.Start(testparticipant.Options{})
+	require.NoError(t, err)
+	t.Cleanup(part.Stop)
+	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	return st, a, treatyv1.NewCoordinatorClient(conn), &bundle{part: part}
+}
+
 // lostReplyStore is the real PostgreSQL store whose group commits of several records, the first
 // few times, commit and then report an error: what a client sees when the connection drops
 // after the server committed but before its reply arrived.
@@ -44,27 +71,8 @@ func (s *lostReplyStore) Commit(ctx context.Context, cs []store.CreateParams, ps
 func TestGroupCommitLostReplyWritesEventsOnce(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pg, err := postgres.Open(ctx, pgtest.NewDatabase(t), 16)
-	require.NoError(t, err)
-	_, err = postgres.Migrate(ctx, pg.Pool())
-	require.NoError(t, err)
-	st := &lostReplyStore{Store: pg}
-	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", Logger: testLogger(t),
-		Engine: engine.Config{Lease: 5 * time.Second, RecoveryInterval: 100 * time.Millisecond}})
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		require.NoError(t, a.Stop(sctx))
-	})
-	part, err := testparticipant.Start(testparticipant.Options{})
-	require.NoError(t, err)
-	t.Cleanup(part.Stop)
-	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = conn.Close() })
-	client := treatyv1.NewCoordinatorClient(conn)
-	b := &bundle{part: part}
+	st, _, client, b := wrappedCoordinator(t, func(pg *postgres.Store) *lostReplyStore { return &lostReplyStore{Store: pg} },
+		engine.Config{Lease: 5 * time.Second, RecoveryInterval: 100 * time.Millisecond})
 
 	var gids []string
 	for round := 0; st.lost.Load() < 3; round++ {
@@ -86,7 +94,7 @@ func TestGroupCommitLostReplyWritesEventsOnce(t *testing.T) {
 		wg.Wait()
 	}
 	for _, gid := range gids {
-		evs, err := pg.ListEvents(ctx, gid)
+		evs, err := st.ListEvents(ctx, gid)
 		require.NoError(t, err)
 		seen := map[string]bool{}
 		for _, e := range evs {
@@ -135,27 +143,8 @@ func (s *pacedStore) stats() (maxInflight int32, maxBatch, commits, records int)
 func runPaced(t *testing.T, commitBatch int) *pacedStore {
 	t.Helper()
 	ctx := context.Background()
-	pg, err := postgres.Open(ctx, pgtest.NewDatabase(t), 16)
-	require.NoError(t, err)
-	_, err = postgres.Migrate(ctx, pg.Pool())
-	require.NoError(t, err)
-	st := &pacedStore{Store: pg, pace: 20 * time.Millisecond}
-	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", Logger: testLogger(t),
-		Engine: engine.Config{CommitWorkers: 4, CommitBatch: commitBatch, LazyProgress: -1}})
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		require.NoError(t, a.Stop(sctx))
-	})
-	part, err := testparticipant.Start(testparticipant.Options{})
-	require.NoError(t, err)
-	t.Cleanup(part.Stop)
-	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = conn.Close() })
-	client := treatyv1.NewCoordinatorClient(conn)
-	b := &bundle{part: part}
+	st, _, client, b := wrappedCoordinator(t, func(pg *postgres.Store) *pacedStore { return &pacedStore{Store: pg, pace: 20 * time.Millisecond} },
+		engine.Config{CommitWorkers: 4, CommitBatch: commitBatch, LazyProgress: -1})
 	var wg sync.WaitGroup
 	for i := range 64 {
 		wg.Add(1)
@@ -203,21 +192,8 @@ func TestGroupCommitFullBatchesGoInParallel(t *testing.T) {
 func TestGroupCommitStopAnswersQueuedWrites(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pg, err := postgres.Open(ctx, pgtest.NewDatabase(t), 16)
-	require.NoError(t, err)
-	_, err = postgres.Migrate(ctx, pg.Pool())
-	require.NoError(t, err)
-	st := &pacedStore{Store: pg, pace: time.Second}
-	a, err := app.Start(ctx, app.Config{Store: st, Listen: "127.0.0.1:0", Logger: testLogger(t)})
-	require.NoError(t, err)
-	part, err := testparticipant.Start(testparticipant.Options{})
-	require.NoError(t, err)
-	t.Cleanup(part.Stop)
-	conn, err := grpc.NewClient(a.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = conn.Close() })
-	client := treatyv1.NewCoordinatorClient(conn)
-	b := &bundle{part: part}
+	st, a, client, b := wrappedCoordinator(t, func(pg *postgres.Store) *pacedStore { return &pacedStore{Store: pg, pace: time.Second} },
+		engine.Config{})
 
 	answered := make(chan error, 8)
 	for i := range 8 {
