@@ -6,9 +6,6 @@ import (
 	"math"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
-	treatyv1 "github.com/treatyhq/treaty/api/treaty/v1"
 	"github.com/treatyhq/treaty/internal/store"
 	"github.com/treatyhq/treaty/pkg/saga"
 )
@@ -99,11 +96,11 @@ func (e *Engine) machineFromRows(c store.Claimed) (machine, error) {
 	var m machine
 	switch t.Mode {
 	case "saga":
-		var spec treatyv1.SagaSpec
-		if err := proto.Unmarshal(t.Spec, &spec); err != nil {
-			return nil, fmt.Errorf("decode stored spec: %w", err)
+		spec, err := storedSagaSpec(t)
+		if err != nil {
+			return nil, err
 		}
-		plan, err := planSaga(&spec, recoveryLimits, e.cfg.Retry)
+		plan, err := planSaga(spec, recoveryLimits, e.cfg.Retry)
 		if err != nil {
 			return nil, fmt.Errorf("stored spec no longer valid: %w", err)
 		}

@@ -162,11 +162,20 @@ func completeSagaRows(t store.Transaction, names []string, rows []store.Branch) 
 	return out
 }
 
-// sagaStepNames reads a saga's step names, in order, from its stored spec.
-func sagaStepNames(t store.Transaction) ([]string, error) {
+// storedSagaSpec decodes a saga's spec as stored with its transaction.
+func storedSagaSpec(t store.Transaction) (*treatyv1.SagaSpec, error) {
 	var spec treatyv1.SagaSpec
 	if err := proto.Unmarshal(t.Spec, &spec); err != nil {
 		return nil, fmt.Errorf("decode stored spec: %w", err)
+	}
+	return &spec, nil
+}
+
+// sagaStepNames reads a saga's step names, in order, from its stored spec.
+func sagaStepNames(t store.Transaction) ([]string, error) {
+	spec, err := storedSagaSpec(t)
+	if err != nil {
+		return nil, err
 	}
 	names := make([]string, len(spec.Steps))
 	for i, st := range spec.Steps {
